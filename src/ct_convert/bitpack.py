@@ -1,0 +1,98 @@
+"""LSB-first integer bit packing shared by every reader and writer.
+
+Two layouts exist for codes packed into 32-bit words along the last dimension:
+- "stream": a dense little-endian bit stream; element i occupies stream bits [i*b, i*b+b) and may
+  straddle two words (compressed-tensors >= 0.18, GPTQ qweight/qzeros for any b).
+- "words": floor(32/b) elements per word, the top bits of each word unused (compressed-tensors <= 0.17).
+For b in {1, 2, 4, 8} the two are identical.
+
+All functions work on unsigned codes held in uint8 (0 .. 2^b-1) and int32 words holding bit patterns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STREAM = "stream"
+WORDS = "words"
+
+
+def packed_width(count: int, bits: int, layout: str = STREAM) -> int:
+    if layout == STREAM or 32 % bits == 0:
+        return math.ceil(count * bits / 32)
+    return math.ceil(count / (32 // bits))
+
+
+def _as_u32_int64(words: torch.Tensor) -> torch.Tensor:
+    return words.to(torch.int64) & 0xFFFFFFFF
+
+
+def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> torch.Tensor:
+    """int32 [..., W] -> uint8 [..., count]: the unsigned codes along the last dimension."""
+    if words.dtype != torch.int32:
+        raise TypeError(f"packed words must be int32, got {words.dtype}")
+    lead = words.shape[:-1]
+    if bits in (4, 8) or bits in (1, 2):
+        by = words.contiguous().view(torch.uint8)
+        if bits == 8:
+            out = by
+        elif bits == 4:
+            out = torch.stack((by & 0xF, by >> 4), dim=-1).reshape(*lead, -1)
+        else:
+            per = 8 // bits
+            shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+            out = ((by.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*lead, per * by.shape[-1])
+        return out[..., :count].contiguous()
+    mask = (1 << bits) - 1
+    w = _as_u32_int64(words)
+    if layout == WORDS:
+        pf = 32 // bits
+        shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64)
+        out = (w.unsqueeze(-1) >> shifts) & mask
+        return out.reshape(*lead, -1)[..., :count].to(torch.uint8)
+    # stream: 32 elements use exactly `bits` words; pad the word axis to a whole number of groups
+    nwords = w.shape[-1]
+    groups = math.ceil(nwords / bits)
+    if groups * bits != nwords:
+        w = torch.nn.functional.pad(w, (0, groups * bits - nwords))
+    w = w.reshape(*lead, groups, bits)
+    w = torch.cat((w, torch.zeros_like(w[..., :1])), dim=-1)  # a spill word for the last element
+    out = torch.empty(*lead, groups, 32, dtype=torch.uint8)
+    for i in range(32):
+        start = i * bits
+        word, off = divmod(start, 32)
+        val = (w[..., word] >> off) | (w[..., word + 1] << (32 - off))
+        out[..., i] = (val & mask).to(torch.uint8)
+    return out.reshape(*lead, groups * 32)[..., :count].contiguous()
+
+
+def pack(codes: torch.Tensor, bits: int, layout: str = STREAM) -> torch.Tensor:
+    """uint8 [..., C] unsigned codes -> int32 [..., W] words, LSB first along the last dimension."""
+    codes = codes.to(torch.int64)
+    lead = codes.shape[:-1]
+    count = codes.shape[-1]
+    if layout == WORDS and 32 % bits != 0:
+        pf = 32 // bits
+        width = math.ceil(count / pf)
+        c = torch.nn.functional.pad(codes, (0, width * pf - count)).reshape(*lead, width, pf)
+        shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64)
+        words = (c << shifts).sum(dim=-1)
+        return _to_int32(words)
+    width = math.ceil(count * bits / 32)
+    groups = math.ceil(count / 32)
+    c = torch.nn.functional.pad(codes, (0, groups * 32 - count)).reshape(*lead, groups, 32)
+    words = torch.zeros(*lead, groups, bits + 1, dtype=torch.int64)
+    for i in range(32):
+        word, off = divmod(i * bits, 32)
+        v = c[..., i] << off
+        words[..., word] |= v & 0xFFFFFFFF
+        words[..., word + 1] |= v >> 32
+    return _to_int32(words[..., :bits].reshape(*lead, groups * bits)[..., :width])
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
+    w = words & 0xFFFFFFFF
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()

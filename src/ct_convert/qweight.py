@@ -1,0 +1,205 @@
+"""The normalized per-module representation that every reader produces and every writer consumes.
+
+A `QuantizedWeight` is one module's weight, decoded from its storage layout but not dequantized:
+codes, scales, zero points, group index and shape, plus the scheme that produced them. Codes are
+lazy, so `inspect` and refusals never touch weight bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from ct_convert import floatcodes
+
+
+class Encoding(str, Enum):
+    """What the `codes` tensor holds."""
+
+    INT = "int"  # int8 signed codes in [-2^(b-1), 2^(b-1)-1]
+    FP8 = "fp8"  # float8_e4m3fn values
+    FP4 = "fp4"  # uint8 E2M1 codes 0..15
+    FP6 = "fp6"  # uint8 E2M3 codes 0..63
+    DENSE = "dense"  # no codes: `dense` holds the float weight
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    num_bits: int
+    type: str  # "int" | "float"
+    symmetric: bool
+    strategy: str  # tensor | channel | group | tensor_group | block
+    group_size: int | None = None
+    block_structure: tuple[int, int] | None = None
+    actorder: str | None = None
+    scale_dtype: str | None = None
+
+    def as_json(self) -> dict:
+        return {
+            "num_bits": self.num_bits,
+            "type": self.type,
+            "symmetric": self.symmetric,
+            "strategy": self.strategy,
+            "group_size": self.group_size,
+            "block_structure": list(self.block_structure) if self.block_structure else None,
+            "actorder": self.actorder,
+        }
+
+
+@dataclass
+class QuantizedWeight:
+    name: str  # module path, e.g. "model.layers.0.mlp.down_proj"
+    format: str  # resolved compression format, never "mixed-precision"
+    shape: tuple[int, ...]  # logical weight shape: (N, K) or (E, N, K) for stacked experts
+    dtype: torch.dtype  # the checkpoint's float dtype for this module (what dequantization yields)
+    encoding: Encoding
+    scheme: WeightScheme | None = None
+    scale: torch.Tensor | None = None  # per strategy: [..,N,G] group/channel/tensor_group, [..,1] tensor, [..,Nb,Kb] block
+    zero_point: torch.Tensor | None = None  # signed, same shape as scale; None when symmetric
+    g_idx: torch.Tensor | None = None  # int32 [K]: group of each input column (actorder=group)
+    global_scale: torch.Tensor | None = None  # float32 divisor of tensor_group (NVFP4) scales
+    sparsity: str | None = None  # "2:4" / "unstructured" when the source stored it sparse
+    input_activations: dict | None = None  # the config's input_activations args, as JSON
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # input_scale, ... (suffix -> tensor)
+    source_tensors: tuple[str, ...] = ()  # checkpoint tensor names this module was read from
+    _codes: Callable[[], torch.Tensor] | torch.Tensor | None = None
+    _dense: Callable[[], torch.Tensor] | torch.Tensor | None = None
+
+    # -- lazy payloads -------------------------------------------------------------------------
+    @property
+    def codes(self) -> torch.Tensor:
+        if callable(self._codes):
+            self._codes = self._codes()
+        if self._codes is None:
+            raise ValueError(f"{self.name}: a {self.encoding.value} weight has no codes")
+        return self._codes
+
+    @property
+    def dense(self) -> torch.Tensor:
+        if callable(self._dense):
+            self._dense = self._dense()
+        if self._dense is None:
+            raise ValueError(f"{self.name}: not a dense weight")
+        return self._dense
+
+    # -- derived facts -------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.encoding is not Encoding.DENSE
+
+    @property
+    def num_groups(self) -> int:
+        """Groups along K as writers see them: 1 for tensor and channel strategies."""
+        s = self.scheme
+        if s is None or s.strategy in ("tensor", "channel"):
+            return 1
+        if s.strategy in ("group", "tensor_group"):
+            return math.ceil(self.in_features / s.group_size)
+        raise ValueError(f"{self.name}: strategy {s.strategy} has no groups along K")
+
+    @property
+    def effective_group_size(self) -> int:
+        """Group size along K, K itself for tensor and channel strategies."""
+        s = self.scheme
+        if s is None or s.strategy in ("tensor", "channel"):
+            return self.in_features
+        if s.strategy in ("group", "tensor_group"):
+            return s.group_size
+        raise ValueError(f"{self.name}: strategy {s.strategy} has no group size")
+
+    def group_scales(self) -> torch.Tensor:
+        """Scales as [..., N, G] (G = num_groups), expanding tensor strategy to every row."""
+        s = self.scale
+        if self.scheme.strategy == "tensor":
+            return s.reshape(-1)[:1].expand(*self.shape[:-1], 1)
+        return s.reshape(*self.shape[:-1], -1)
+
+    def group_zero_points(self) -> torch.Tensor | None:
+        """Signed zero points as [..., N, G], or None when symmetric."""
+        z = self.zero_point
+        if z is None:
+            return None
+        if self.scheme.strategy == "tensor":
+            return z.reshape(-1)[:1].expand(*self.shape[:-1], 1)
+        return z.reshape(*self.shape[:-1], -1)
+
+    def column_groups(self) -> torch.Tensor:
+        """int64 [K]: the scale column of every input column (g_idx, k // gs, or 0)."""
+        K = self.in_features
+        if self.g_idx is not None:
+            return self.g_idx.to(torch.int64)
+        return torch.arange(K, dtype=torch.int64) // self.effective_group_size
+
+    def has_trivial_g_idx(self) -> bool:
+        """True when g_idx is absent or equals k // group_size (no act-order permutation)."""
+        if self.g_idx is None:
+            return True
+        expect = torch.arange(self.in_features, dtype=torch.int64) // self.effective_group_size
+        return bool(torch.equal(self.g_idx.to(torch.int64), expect))
+
+    def code_values(self) -> torch.Tensor:
+        """float32 values of the codes, before scaling (int codes, or the float element values)."""
+        e = self.encoding
+        if e is Encoding.INT or e is Encoding.FP8:
+            return self.codes.to(torch.float32)
+        if e is Encoding.FP4:
+            return floatcodes.fp4_to_float(self.codes)
+        if e is Encoding.FP6:
+            return floatcodes.fp6_e2m3_to_float(self.codes)
+        raise ValueError(f"{self.name}: a dense weight has no codes")
+
+    # -- dequantization ------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as the compressed-tensors library dequantizes it: (q - zp) * scale.
+
+        Computed in float32 and rounded once to `dtype` (default: the module's dtype). With a
+        bf16/fp16 scale and q - zp an integer of at most 9 bits, the float32 product is exact, so
+        the single rounding equals the library's multiply in the scale dtype.
+        """
+        out_dtype = dtype or self.dtype
+        if self.encoding is Encoding.DENSE:
+            return self.dense.to(out_dtype)
+        values = self.code_values()
+        scale = self._expanded(self._effective_scale().to(torch.float32))
+        if self.zero_point is not None:
+            values = values - self._expanded(self.zero_point.to(torch.float32))
+        return (values * scale).to(out_dtype)
+
+    def _effective_scale(self) -> torch.Tensor:
+        s = self.scale
+        if self.scheme.strategy == "tensor_group" and self.global_scale is not None:
+            g = self.global_scale.to(torch.float32)
+            # one divisor per expert for stacked tensors, else a single value
+            g = g.reshape(-1, *([1] * (s.dim() - 1))) if len(self.shape) == 3 and g.numel() > 1 else g.reshape(-1)[:1]
+            return s.to(torch.float32) / g
+        return s
+
+    def _expanded(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-strategy tensor to the weight's full shape."""
+        strat = self.scheme.strategy
+        shape = self.shape
+        if strat == "tensor":
+            return per_group.reshape(-1)[:1].reshape([1] * len(shape))
+        if strat == "channel":
+            return per_group.reshape(*shape[:-1], 1)
+        if strat in ("group", "tensor_group"):
+            cols = self.column_groups()
+            return per_group.reshape(*shape[:-1], -1).index_select(-1, cols)
+        if strat == "block":
+            bh, bw = self.scheme.block_structure
+            rows = torch.arange(shape[-2]) // bh
+            cols = torch.arange(shape[-1]) // bw
+            return per_group.index_select(-2, rows).index_select(-1, cols)
+        raise ValueError(f"{self.name}: cannot dequantize strategy {strat!r}")
