@@ -51,42 +51,21 @@ class WeightScheme:
 
 
 @dataclass
-class QuantizedWeight:
+class ModuleInfo:
+    """Header-level facts about one quantized module: no tensor data is read to build it."""
+
     name: str  # module path, e.g. "model.layers.0.mlp.down_proj"
     format: str  # resolved compression format, never "mixed-precision"
     shape: tuple[int, ...]  # logical weight shape: (N, K) or (E, N, K) for stacked experts
     dtype: torch.dtype  # the checkpoint's float dtype for this module (what dequantization yields)
     encoding: Encoding
     scheme: WeightScheme | None = None
-    scale: torch.Tensor | None = None  # per strategy: [..,N,G] group/channel/tensor_group, [..,1] tensor, [..,Nb,Kb] block
-    zero_point: torch.Tensor | None = None  # signed, same shape as scale; None when symmetric
-    g_idx: torch.Tensor | None = None  # int32 [K]: group of each input column (actorder=group)
-    global_scale: torch.Tensor | None = None  # float32 divisor of tensor_group (NVFP4) scales
+    tensors: dict[str, str] = field(default_factory=dict)  # parameter suffix -> checkpoint tensor name
     sparsity: str | None = None  # "2:4" / "unstructured" when the source stored it sparse
     input_activations: dict | None = None  # the config's input_activations args, as JSON
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # input_scale, ... (suffix -> tensor)
-    source_tensors: tuple[str, ...] = ()  # checkpoint tensor names this module was read from
-    _codes: Callable[[], torch.Tensor] | torch.Tensor | None = None
-    _dense: Callable[[], torch.Tensor] | torch.Tensor | None = None
+    group: str | None = None  # the config group that matched
+    layout: str | None = None  # pack-quantized bit layout ("stream" / "words") when it matters
 
-    # -- lazy payloads -------------------------------------------------------------------------
-    @property
-    def codes(self) -> torch.Tensor:
-        if callable(self._codes):
-            self._codes = self._codes()
-        if self._codes is None:
-            raise ValueError(f"{self.name}: a {self.encoding.value} weight has no codes")
-        return self._codes
-
-    @property
-    def dense(self) -> torch.Tensor:
-        if callable(self._dense):
-            self._dense = self._dense()
-        if self._dense is None:
-            raise ValueError(f"{self.name}: not a dense weight")
-        return self._dense
-
-    # -- derived facts -------------------------------------------------------------------------
     @property
     def out_features(self) -> int:
         return self.shape[-2]
@@ -94,6 +73,10 @@ class QuantizedWeight:
     @property
     def in_features(self) -> int:
         return self.shape[-1]
+
+    @property
+    def has_g_idx(self) -> bool:
+        return "weight_g_idx" in self.tensors
 
     @property
     def is_quantized(self) -> bool:
@@ -119,6 +102,48 @@ class QuantizedWeight:
             return s.group_size
         raise ValueError(f"{self.name}: strategy {s.strategy} has no group size")
 
+
+@dataclass
+class QuantizedWeight:
+    info: ModuleInfo
+    scale: torch.Tensor | None = None  # per strategy: [..,N,G] group/channel/tensor_group, [..,1] tensor, [..,Nb,Kb] block
+    zero_point: torch.Tensor | None = None  # signed, same shape as scale; None when symmetric
+    g_idx: torch.Tensor | None = None  # int32 [K]: group of each input column (actorder=group)
+    global_scale: torch.Tensor | None = None  # float32 divisor of tensor_group (NVFP4) scales
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # input_scale, ... (suffix -> tensor)
+    _codes: Callable[[], torch.Tensor] | torch.Tensor | None = None
+    _dense: Callable[[], torch.Tensor] | torch.Tensor | None = None
+
+    name = property(lambda self: self.info.name)
+    format = property(lambda self: self.info.format)
+    shape = property(lambda self: self.info.shape)
+    dtype = property(lambda self: self.info.dtype)
+    encoding = property(lambda self: self.info.encoding)
+    scheme = property(lambda self: self.info.scheme)
+    out_features = property(lambda self: self.info.out_features)
+    in_features = property(lambda self: self.info.in_features)
+    is_quantized = property(lambda self: self.info.is_quantized)
+    num_groups = property(lambda self: self.info.num_groups)
+    effective_group_size = property(lambda self: self.info.effective_group_size)
+
+    # -- lazy payloads -------------------------------------------------------------------------
+    @property
+    def codes(self) -> torch.Tensor:
+        if callable(self._codes):
+            self._codes = self._codes()
+        if self._codes is None:
+            raise ValueError(f"{self.name}: a {self.encoding.value} weight has no codes")
+        return self._codes
+
+    @property
+    def dense(self) -> torch.Tensor:
+        if callable(self._dense):
+            self._dense = self._dense()
+        if self._dense is None:
+            raise ValueError(f"{self.name}: not a dense weight")
+        return self._dense
+
+    # -- derived facts -------------------------------------------------------------------------
     def group_scales(self) -> torch.Tensor:
         """Scales as [..., N, G] (G = num_groups), expanding tensor strategy to every row."""
         s = self.scale

@@ -1,0 +1,141 @@
+"""`ct-convert inspect`: what a checkpoint holds, module by module, and what each can become."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich import box
+from rich.panel import Panel
+from rich.table import Table
+
+from ct_convert import console
+from ct_convert.capabilities import module_targets
+from ct_convert.readers.checkpoint import open_checkpoint
+from ct_convert.source import resolve
+
+
+def inspect_report(source: str, revision: str | None) -> tuple[dict, object]:
+    ckpt = resolve(source, revision, headers_only=True)
+    reader = open_checkpoint(ckpt)
+    qc = reader.qconfig
+    modules = []
+    for name, info in reader.modules.items():
+        targets, reasons = module_targets(info)
+        modules.append(
+            {
+                "name": name,
+                "format": info.format,
+                "weights": info.scheme.as_json() if info.scheme else None,
+                "input_activations": info.input_activations,
+                "shape": list(info.shape),
+                "sparsity": info.sparsity,
+                "targets": targets,
+                "reasons": reasons,
+            }
+        )
+    report = {
+        "schema": 1,
+        "source": source,
+        "quant_method": "compressed-tensors",
+        "format": qc.format,
+        "version": qc.version,
+        "architecture": reader.architecture,
+        "modules": modules,
+        "unquantized": sorted(reader.unquantized),
+        "totals": reader.totals(),
+        "config_groups": [
+            {
+                "name": g.name,
+                "targets": list(g.targets),
+                "format": g.format,
+                "weights": g.weights.as_json() if g.weights else None,
+                "input_activations": g.input_activations.as_json() if g.input_activations else None,
+            }
+            for g in qc.groups
+        ],
+        "sparsity_config": {"format": qc.sparsity.format, "structure": qc.sparsity.structure} if qc.sparsity else None,
+        "kv_cache_scheme": qc.kv_cache_scheme.as_json() if qc.kv_cache_scheme else None,
+        "online_transforms": reader.online_transforms,
+        "warnings": reader.warnings,
+    }
+    return report, reader
+
+
+def _args_text(a: dict | None) -> str:
+    if not a:
+        return "-"
+    s = f"{a['type']}{a['num_bits']} {'sym' if a['symmetric'] else 'asym'} {a['strategy']}"
+    if a.get("group_size") and a["group_size"] > 0:
+        s += f" g{a['group_size']}"
+    if a.get("block_structure"):
+        s += f" {a['block_structure'][0]}x{a['block_structure'][1]}"
+    if a.get("dynamic"):
+        s += " dynamic" if a["dynamic"] is True else f" dynamic={a['dynamic']}"
+    if a.get("actorder"):
+        s += f" actorder={a['actorder']}"
+    return s
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def render(report: dict, show_modules: bool) -> None:
+    t = report["totals"]
+    formats = Counter(m["format"] for m in report["modules"])
+    summary = (
+        f"[bold]architecture[/] {report['architecture'] or '-'}\n"
+        f"[bold]quant_method[/] {report['quant_method']}   [bold]format[/] {report['format'] or '-'}   "
+        f"[bold]library version[/] {report['version'] or 'not recorded (<= 0.10 or third-party)'}\n"
+        f"[bold]quantized modules[/] {len(report['modules'])} "
+        f"({', '.join(f'{n} {f}' for f, n in formats.most_common()) or 'none'})   "
+        f"[bold]left in full precision[/] {len(report['unquantized'])}\n"
+        f"[bold]tensors[/] {t['tensors']}   [bold]parameters[/] {t['parameters']:,}   "
+        f"[bold]stored[/] {_gb(t['bytes'])}   [bold]dense[/] {_gb(t['dense_bytes'])}"
+    )
+    console.out.print(Panel(summary, title=f"[bold]{report['source']}", expand=False))
+    groups = Table(title="Schemes", box=box.SIMPLE_HEAVY, title_justify="left")
+    for col in ("group", "targets", "format", "weights", "input activations"):
+        groups.add_column(col)
+    for g in report["config_groups"]:
+        groups.add_row(g["name"], ", ".join(g["targets"]), g["format"] or "-", _args_text(g["weights"]), _args_text(g["input_activations"]))
+    console.out.print(groups)
+    if report["sparsity_config"]:
+        sc = report["sparsity_config"]
+        console.out.print(f"[bold]sparsity[/] {sc['format']} ({sc['structure']})")
+    targets = [k for k in (report["modules"][0]["targets"] if report["modules"] else {})]
+    usable = {k: sum(m["targets"][k] for m in report["modules"]) for k in targets}
+    if targets:
+        console.out.print(
+            "[bold]repackable to[/] "
+            + "   ".join(
+                f"{'[green]' if n == len(report['modules']) else '[yellow]' if n else '[red]'}{k} {n}/{len(report['modules'])}[/]"
+                for k, n in usable.items()
+            )
+        )
+    for w in report["warnings"]:
+        console.out.print(f"[yellow]warning:[/] {w}")
+    for tr in report["online_transforms"]:
+        console.out.print(f"[red]online transform:[/] {tr} (repack is refused: the weights alone are not the model)")
+    if not show_modules:
+        if report["modules"]:
+            console.out.print("[dim]Add --modules for one row per module.[/]")
+        return
+    table = Table(box=box.SIMPLE, title="Modules", title_justify="left")
+    for col in ("module", "format", "bits", "type", "sym", "strategy", "group", "shape", "targets", "why not"):
+        table.add_column(col, overflow="fold")
+    for m in report["modules"]:
+        w = m["weights"] or {}
+        table.add_row(
+            m["name"],
+            m["format"] + (f" {m['sparsity']}" if m["sparsity"] else ""),
+            str(w.get("num_bits", "-")),
+            w.get("type", "-"),
+            {True: "yes", False: "no"}.get(w.get("symmetric"), "-"),
+            w.get("strategy", "-"),
+            str(w.get("group_size") or "-"),
+            "x".join(map(str, m["shape"])),
+            " ".join(k for k, ok in m["targets"].items() if ok),
+            "; ".join(f"{k}: {v}" for k, v in m["reasons"].items()),
+        )
+    console.out.print(table)

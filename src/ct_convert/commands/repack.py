@@ -1,0 +1,83 @@
+"""`ct-convert repack`: source -> reader -> writer -> verified, manifest-stamped OUTPUT."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ct_convert import __version__, console
+from ct_convert.errors import VerificationFailed
+from ct_convert.output import OutputFolder, write_bytes_with_hash
+from ct_convert.readers.checkpoint import open_checkpoint
+from ct_convert.readers.targets import open_output
+from ct_convert.source import resolve
+from ct_convert.verify import compare
+from ct_convert.writers import RepackOptions, writer_for
+from ct_convert.writers.base import WriteReport
+
+
+def repack(source: str, output: Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
+    started = time.monotonic()
+    writer = writer_for(opts.target)
+    ckpt = resolve(source, revision)
+    reader = open_checkpoint(ckpt)
+    writer.check(reader, opts)  # refusals before anything is created
+    total = reader.store.total_bytes()
+    folder = OutputFolder(output, force)
+    with folder as tmp:
+        with console.progress_bar(f"repack → {opts.target}", total, show_progress) as advance:
+            report = writer.write(reader, tmp, opts, advance)
+        if opts.verify:
+            with console.progress_bar("verify", total, show_progress) as advance:
+                _verify_into(reader, tmp, report, advance)
+        manifest = _manifest(source, ckpt.revision, opts, report)
+        write_bytes_with_hash(tmp / "ct-convert.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        folder.commit()
+    return {
+        "source": source,
+        "output": str(folder.final),
+        "target": opts.target,
+        "modules": len(report.modules),
+        "converted": sum(1 for m in report.modules.values() if m["status"] == "converted"),
+        "unconverted": [f["module"] for f in report.fallbacks],
+        "dropped_tensors": len(report.dropped),
+        "files": len(report.files) + 1,
+        "bytes_written": sum(f["size"] for f in report.files.values()),
+        "verified": opts.verify,
+        "seconds": round(time.monotonic() - started, 3),
+        "notes": report.notes,
+    }
+
+
+def _verify_into(reader, folder: Path, report: WriteReport, advance) -> None:
+    results = compare(reader, open_output(folder), progress=advance)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise VerificationFailed(
+            f"{bad[0].module}: the written output differs from the source "
+            f"(max abs error {bad[0].max_abs_error:g}; {len(bad)} tensor(s) differ); nothing was written",
+            hint="This is a ct-convert bug: please report it with the output of `ct-convert inspect SOURCE --json`.",
+        )
+    by_name = {r.module: r for r in results}
+    for name, entry in report.modules.items():
+        r = by_name.get(name)
+        if r is not None:
+            entry["verified"] = {"exact": r.exact, "max_abs_error": r.max_abs_error}
+
+
+def _manifest(source: str, revision: str | None, opts: RepackOptions, report: WriteReport) -> dict:
+    return {
+        "tool": "ct-convert",
+        "version": __version__,
+        "source": source,
+        "revision": revision,
+        "target": opts.target,
+        "options": opts.as_json(),
+        "files": dict(sorted(report.files.items())),
+        "modules": dict(sorted(report.modules.items())),
+        "unconverted": [f["module"] for f in report.fallbacks],
+        "fallbacks": report.fallbacks,
+        "dropped_tensors": sorted(report.dropped),
+        "notes": report.notes,
+    }

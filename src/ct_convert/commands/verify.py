@@ -1,0 +1,42 @@
+"""`ct-convert verify`: compare an output with its source, or re-check it against its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich import box
+from rich.table import Table
+
+from ct_convert import console
+from ct_convert.readers.checkpoint import open_checkpoint
+from ct_convert.readers.targets import open_output
+from ct_convert.source import resolve
+from ct_convert.verify import ModuleResult, check_manifest, compare
+
+
+def verify_pair(source: str, output: Path, atol: float | None, revision: str | None, show_progress: bool) -> list[ModuleResult]:
+    reader = open_checkpoint(resolve(source, revision))
+    out = open_output(output)
+    with console.progress_bar("verify", reader.store.total_bytes(), show_progress) as advance:
+        return compare(reader, out, atol, progress=advance)
+
+
+def render_results(results: list[ModuleResult]) -> None:
+    table = Table(box=box.SIMPLE, title="Verification", title_justify="left")
+    for col in ("module / tensor", "max abs error", "rel error", "exact", "ok"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.module,
+            f"{r.max_abs_error:.3g}",
+            f"{r.rel_error:.3g}",
+            "yes" if r.exact else "no",
+            "[green]ok[/]" if r.ok else f"[red]MISMATCH[/] {r.note}",
+        )
+    console.out.print(table)
+    bad = sum(not r.ok for r in results)
+    console.out.print(f"[bold]{len(results) - bad} ok, {bad} mismatched[/]")
+
+
+def manifest_problems(output: Path) -> list[dict]:
+    return check_manifest(output)

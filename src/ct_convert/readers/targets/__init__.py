@@ -1,0 +1,26 @@
+"""Readers of ct-convert's output layouts, written independently of the writers, for `verify`.
+
+Each reader dequantizes an output module from the target's own layout definition (targets.md), so a
+writer bug cannot hide behind a reader that shares its code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ct_convert.errors import InputError
+from ct_convert.readers.targets.base import OUTPUT_READERS, OutputReader
+
+from ct_convert.readers.targets import dense  # noqa: F401,E402  (registration)
+
+
+def open_output(folder: Path) -> OutputReader:
+    if not folder.exists():
+        raise InputError(f"{folder}: no such output folder")
+    for kind, reader in OUTPUT_READERS.items():
+        if reader.detect(folder):
+            return reader.open(folder)
+    raise InputError(f"{folder}: not a checkpoint ct-convert can read back (no known layout detected)")
+
+
+__all__ = ["open_output", "OutputReader"]

@@ -1,0 +1,106 @@
+"""Streaming safetensors output: the header is written from a plan, then tensors one at a time.
+
+Shards are planned before any data is produced (every writer can say the dtype and shape of what it
+will emit), so no shard is ever held in memory, and the sha256 of each file is computed as it is
+written, never by reading it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ct_convert.errors import OutputError
+from ct_convert.tensorstore import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, '1000' -> 1000."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise ValueError(f"invalid size {text!r} (examples: 5GB, 500MB, 2GiB)")
+    return int(value * units[unit])
+
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class SafetensorsFileWriter:
+    """Writes one safetensors file whose tensors are known in advance, in the planned order."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict | None = None):
+        self.path = path
+        self.specs = specs
+        self._next = 0
+        self._sha = hashlib.sha256()
+        self.size = 0
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for s in specs:
+            header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        try:
+            self._f = open(path, "wb")
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
+        self._write(len(raw).to_bytes(8, "little") + raw)
+
+    def _write(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+        self._sha.update(data)
+        self.size += len(data)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._next]
+        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(
+                f"internal error: produced {name} {tensor.dtype} {list(tensor.shape)}, "
+                f"planned {spec.name} {spec.dtype} {list(spec.shape)}"
+            )
+        self._next += 1
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._write(memoryview(data))
+
+    def close(self) -> str:
+        if self._next != len(self.specs):
+            raise RuntimeError(f"internal error: {self.path.name} got {self._next} of {len(self.specs)} planned tensors")
+        try:
+            self._f.close()
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._f.close()

@@ -1,0 +1,151 @@
+"""Resolve SOURCE (a folder, a .safetensors file, or a Hugging Face repo id) into a Checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ct_convert.errors import InputError
+from ct_convert.tensorstore import TensorStore, inside
+
+CONFIG_NAMES = ("config.json", "params.json")
+# weight files of other formats that never travel into an output folder
+FOREIGN_WEIGHTS = (".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Checkpoint:
+    source: str  # as the user gave it
+    root: Path
+    config: dict  # the whole config.json (or {} when only safetensors metadata exists)
+    config_file: Path | None
+    store: TensorStore
+    index_file: Path | None
+    revision: str | None = None
+    weight_files: list[Path] = field(default_factory=list)
+
+    def other_files(self) -> list[Path]:
+        """Files to copy into an output folder unchanged: everything but weights, relative to root."""
+        skip = {p.resolve() for p in self.weight_files}
+        if self.index_file:
+            skip.add(self.index_file.resolve())
+        if self.config_file:
+            skip.add(self.config_file.resolve())
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                p = Path(dirpath) / fn
+                if fn.startswith(".") or fn.endswith(".safetensors") or fn.endswith(".safetensors.index.json"):
+                    continue
+                if fn.lower().endswith(FOREIGN_WEIGHTS) or fn == "ct-convert.json":
+                    continue
+                if p.resolve() in skip or not inside(self.root, p):
+                    continue
+                out.append(p.relative_to(self.root))
+        return out
+
+
+def resolve(source: str, revision: str | None = None, *, headers_only: bool = False) -> Checkpoint:
+    path = Path(source).expanduser()
+    if path.exists():
+        if revision:
+            raise InputError(f"{source}: --revision applies to Hugging Face repo ids, not local paths")
+        return _local(source, path)
+    if REPO_ID.match(source):
+        from ct_convert.hub import resolve_repo
+
+        return resolve_repo(source, revision, headers_only=headers_only)
+    raise InputError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
+
+
+def _local(source: str, path: Path) -> Checkpoint:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise InputError(f"{path}: not a .safetensors file or a checkpoint folder")
+        root = path.parent
+        files = [path]
+        index = None
+        weight_map = None
+    else:
+        root = path
+        index = find_index(root)
+        if index is not None:
+            files, weight_map = read_index(root, index)
+        else:
+            # transformers reads model.safetensors alone when there is no index; other files beside it
+            # (references, adapters) are not part of the model
+            single = root / "model.safetensors"
+            files = [single] if single.is_file() else sorted(root.glob("*.safetensors"))
+            weight_map = None
+            if not files:
+                raise InputError(f"{root}: no *.safetensors files in this folder")
+    config_file = next((root / n for n in CONFIG_NAMES if (root / n).is_file()), None)
+    config = load_json(config_file) if config_file else {}
+    store = TensorStore(root, files, weight_map)
+    if not config:
+        config = _config_from_metadata(store, files)
+        if not config:
+            raise InputError(
+                f"{root}: no config.json, and the safetensors metadata holds no quantization_config",
+                hint="Put the model's config.json beside the weights.",
+            )
+    return Checkpoint(source, root, config, config_file, store, index, weight_files=files)
+
+
+def find_index(root: Path) -> Path | None:
+    preferred = root / "model.safetensors.index.json"
+    if preferred.is_file():
+        return preferred
+    found = sorted(root.glob("*.safetensors.index.json"))
+    return found[0] if found else None
+
+
+def read_index(root: Path, index: Path) -> tuple[list[Path], dict[str, Path]]:
+    data = load_json(index)
+    wm = data.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise InputError(f"{index}: no weight_map in the index")
+    weight_map: dict[str, Path] = {}
+    for name, rel in wm.items():
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, outside the checkpoint folder")
+        file = index.parent / rel
+        if not inside(root, file):
+            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which leaves the checkpoint folder")
+        if not file.is_file():
+            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which does not exist")
+        weight_map[name] = file
+    files = sorted(set(weight_map.values()))
+    return files, weight_map
+
+
+def load_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _config_from_metadata(store: TensorStore, files: list[Path]) -> dict:
+    for f in files:
+        md = store.metadata.get(f) or {}
+        for key in ("config", "quantization_config"):
+            if key in md:
+                try:
+                    value = json.loads(md[key])
+                except (TypeError, json.JSONDecodeError):
+                    raise InputError(f"{f}: metadata {key!r} is not valid JSON") from None
+                if isinstance(value, dict):
+                    return value if key == "config" else {"quantization_config": value}
+    return {}

@@ -1,0 +1,193 @@
+"""Lazy, validated access to the tensors of one checkpoint, across any number of safetensors shards.
+
+Headers are parsed and checked here before safetensors ever maps a file, so that a hostile or
+truncated file fails with a message naming the file and the tensor instead of a low-level error.
+Data is read lazily through `safe_open` (mmap): reading one module touches only its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ct_convert.errors import InputError
+
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    file: Path
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
+    """Parse and validate one safetensors header: (tensors, __metadata__)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise InputError(f"{path}: declared header size {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise InputError(f"{path}: truncated: header of {n} bytes runs past the end of the {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header: not a JSON object")
+    data_len = size - 8 - n
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: __metadata__ is not a JSON object")
+    tensors: dict[str, TensorMeta] = {}
+    for name, entry in header.items():
+        tensors[name] = _check_entry(path, name, entry, data_len)
+    spans = sorted((m.offsets, name) for name, m in tensors.items() if m.nbytes)
+    for (a, name_a), (b, name_b) in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the data section")
+    return tensors, metadata
+
+
+def _check_entry(path: Path, name: str, entry, data_len: int) -> TensorMeta:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: header entry is not an object")
+    dtype = entry.get("dtype")
+    if dtype not in DTYPES:
+        raise InputError(f"{where}: unsupported dtype {dtype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"{where}: invalid shape {shape!r}")
+    offs = entry.get("data_offsets")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise InputError(f"{where}: invalid data_offsets {offs!r}")
+    if offs[1] > data_len:
+        raise InputError(f"{where}: data_offsets {offs} run past the end of the file (truncated?)")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if offs[1] - offs[0] != expected:
+        raise InputError(
+            f"{where}: {offs[1] - offs[0]} bytes stored but dtype {dtype} with shape {shape} needs {expected}"
+        )
+    return TensorMeta(path, dtype, tuple(shape), (offs[0], offs[1]))
+
+
+class TensorStore:
+    """Every tensor of a checkpoint, by name, across shards; reads are lazy and mmap-backed."""
+
+    def __init__(self, root: Path, files: list[Path], weight_map: dict[str, Path] | None = None):
+        self.root = root
+        self.files = files
+        self.metadata: dict[Path, dict] = {}
+        self._meta: dict[str, TensorMeta] = {}
+        for file in files:
+            tensors, md = read_header(file)
+            self.metadata[file] = md
+            for name, meta in tensors.items():
+                if name in self._meta:
+                    raise InputError(
+                        f"tensor {name!r} is stored twice: in {self._meta[name].file.name} and {file.name}",
+                        hint="A checkpoint must hold each tensor once; remove the stale shard.",
+                    )
+                self._meta[name] = meta
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                meta = self._meta.get(name)
+                if meta is None:
+                    raise InputError(f"{file}: missing tensor {name!r} that the index lists")
+                if meta.file != file:
+                    raise InputError(f"tensor {name!r}: the index says {file.name} but it is in {meta.file.name}")
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise InputError(f"missing tensor {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        meta = self.meta(name)
+        handle = self._handles.get(meta.file)
+        try:
+            if handle is None:
+                handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt")
+            return handle.get_tensor(name)
+        except InputError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise InputError(f"{meta.file}: cannot read tensor {name!r}: {e}") from None
+
+    def total_bytes(self) -> int:
+        return sum(m.nbytes for m in self._meta.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def inside(root: Path, candidate: Path) -> bool:
+    """True when `candidate` (after resolving symlinks) lies inside `root`."""
+    try:
+        return os.path.commonpath([root.resolve(), candidate.resolve()]) == str(root.resolve())
+    except ValueError:
+        return False

@@ -1,0 +1,8 @@
+"""Target writers, one module each, in a registry keyed by the target name."""
+
+from ct_convert.writers.base import WRITERS, RepackOptions, Writer, writer_for
+
+# importing a writer module registers it
+from ct_convert.writers import dense  # noqa: F401,E402
+
+__all__ = ["WRITERS", "RepackOptions", "Writer", "writer_for"]

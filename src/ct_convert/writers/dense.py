@@ -1,0 +1,25 @@
+"""`--target dense`: a plain Hugging Face checkpoint with float weights and no quantization_config."""
+
+from __future__ import annotations
+
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
+from ct_convert.safetensors_out import TensorSpec
+from ct_convert.writers.base import RepackOptions, WriteReport, register
+from ct_convert.writers.hf import HFWriter
+
+
+@register
+class DenseWriter(HFWriter):
+    name = "dense"
+
+    def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        return None
+
+    def specs(self, info: ModuleInfo, opts: RepackOptions) -> list[TensorSpec]:
+        return [TensorSpec("weight", opts.dtype or info.dtype, info.shape)]
+
+    def convert(self, qw: QuantizedWeight, opts: RepackOptions) -> dict:
+        return {"weight": qw.dequantize(opts.dtype or qw.dtype)}
+
+    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> None:
+        return None
