@@ -15,7 +15,7 @@ from ct_convert.errors import InputError
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers import config as cfg
 from ct_convert.readers.formats import ModuleTensors, decoder_for
-from ct_convert.readers.matching import class_candidates, explicit_match, is_ignored
+from ct_convert.readers.matching import class_candidates, explicit_match, is_ignored, name_matches
 from ct_convert.readers.sparse import SparseStore
 from ct_convert.source import Checkpoint
 
@@ -178,13 +178,29 @@ def _discover(r: CompressedTensorsCheckpoint) -> None:
         fmt = _resolve_format(p, group, qc, inferred, sparse, r.warnings)
         mt = ModuleTensors(p, tensors, store, group, qc, r.model_dtype)
         info = decoder_for(fmt).describe(mt, fmt)
-        info.sparsity = sparse
+        info.sparsity = sparse or info.sparsity or _declared_sparsity(p, qc)
         info.group = group.name if group else None
         if group is not None and group.input_activations is not None:
             info.input_activations = group.input_activations.as_json()
         r.modules[p] = info
         r._contexts[p] = mt
         r._owned.update(n for s, n in tensors.items() if s in WEIGHT_PARAMS)
+
+
+def _declared_sparsity(p: str, qc: cfg.QuantizationConfig) -> str | None:
+    """A `dense` sparsity_config only declares that stored weights follow a pattern (e.g. 2:4)."""
+    sc = qc.sparsity
+    if sc is None or sc.structure in ("unstructured", "0:0"):
+        return None
+    if sc.targets and not any(name_matches(p, t) for t in sc.targets) and not _class_only(sc.targets):
+        return None
+    if any(name_matches(p, t) for t in sc.ignore):
+        return None
+    return sc.structure
+
+
+def _class_only(targets) -> bool:
+    return all(not t.startswith("re:") and "." not in t for t in targets)
 
 
 def infer_format(store, tensors: dict[str, str]) -> str:

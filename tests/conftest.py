@@ -1,0 +1,44 @@
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+INDEX = json.loads((FIXTURES / "index.json").read_text())["fixtures"]
+FIXTURE_NAMES = [f["name"] for f in INDEX]
+
+
+def fixture_entry(name: str) -> dict:
+    return next(f for f in INDEX if f["name"] == name)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the ct-convert entry point in-process, as the console script would."""
+    from ct_convert.cli import _state, main
+
+    def run(*args) -> Result:
+        monkeypatch.setattr(sys, "argv", ["ct-convert", *map(str, args)])
+        _state["debug"] = False
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

@@ -1,0 +1,61 @@
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+from ct_convert import bitpack
+
+
+def words(t):
+    return [int(w) & 0xFFFFFFFF for w in t.reshape(-1).tolist()]
+
+
+def test_spec_worked_examples():
+    # compressed-tensors.md §5.3, pack_to_int32 0.20
+    int4 = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -1, 0]], dtype=torch.int16)
+    assert words(bitpack.pack((int4 + 8).to(torch.uint8), 4)) == [0xFEDCBA98, 0x00008710]
+    int8 = torch.tensor([[1, 2, -1, -128, 127]], dtype=torch.int16)
+    assert words(bitpack.pack((int8 + 128).to(torch.uint8), 8)) == [0x007F8281, 0x000000FF]
+    int2 = torch.tensor([[-2, -1, 0, 1]], dtype=torch.int16)
+    assert words(bitpack.pack((int2 + 2).to(torch.uint8), 2)) == [0xE4]
+
+
+def test_three_bit_element_straddles_words():
+    codes = torch.arange(11, dtype=torch.uint8).reshape(1, 11) % 8
+    packed = bitpack.pack(codes, 3)
+    assert packed.shape == (1, 2)
+    w0, w1 = words(packed)
+    # element 10 occupies stream bits 30..32: two bits at the top of word 0, one at the bottom of word 1
+    assert (w0 >> 30) == (2 & 3) and (w1 & 1) == (2 >> 2)
+    assert torch.equal(bitpack.unpack(packed, 3, 11), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("k", [1, 7, 31, 32, 33, 100, 257])
+def test_stream_matches_library_pack(bits, k):
+    g = torch.Generator().manual_seed(bits * 1000 + k)
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, k), generator=g, dtype=torch.int8)
+    ref = pack_to_int32(q, bits)
+    codes = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    assert torch.equal(bitpack.pack(codes, bits), ref)
+    assert torch.equal(bitpack.unpack(ref, bits, k), codes)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_words_layout_is_floor_32_over_b_per_word(bits):
+    pf = 32 // bits
+    k = 3 * pf + 1
+    codes = torch.randint(0, 1 << bits, (2, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = bitpack.pack(codes, bits, bitpack.WORDS)
+    assert packed.shape == (2, 4)
+    for row in range(2):
+        for i in range(k):
+            word = words(packed[row])[i // pf]
+            assert (word >> ((i % pf) * bits)) & ((1 << bits) - 1) == codes[row, i]
+    assert torch.equal(bitpack.unpack(packed, bits, k, bitpack.WORDS), codes)
+    assert bitpack.packed_width(k, bits, bitpack.WORDS) == 4
+    assert bitpack.packed_width(k, bits, bitpack.STREAM) == -(-k * bits // 32)
+
+
+def test_unpack_rejects_non_int32():
+    with pytest.raises(TypeError):
+        bitpack.unpack(torch.zeros(2, 2, dtype=torch.int64), 4, 8)
