@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# piped output (CI logs, `| less`) gets a wide fixed width instead of rich's 80-column default
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 
 def print_json(data) -> None:

@@ -34,7 +34,7 @@ def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=True, ignore_patterns=IGNORE)
         if any(Path(folder).glob("*.safetensors")):
-            return _with_revision(_local(repo_id, Path(folder)), revision, folder)
+            return _with_revision(_local(repo_id, Path(folder), _cache_repo(folder)), revision, folder)
     except LocalEntryNotFoundError:
         pass
     if _offline():
@@ -54,7 +54,13 @@ def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
     except (HfHubHTTPError, OSError) as e:
         raise InputError(f"{repo_id}: cannot reach the Hugging Face Hub: {e}",
                          hint="Check the network, or set HF_HUB_OFFLINE=1 to use the cache only.") from None
-    return _with_revision(_local(repo_id, Path(folder)), revision, folder)
+    return _with_revision(_local(repo_id, Path(folder), _cache_repo(folder)), revision, folder)
+
+
+def _cache_repo(snapshot: str) -> Path:
+    """snapshots/<sha>/ files are symlinks into the repo's blobs/: trust that repo folder, no further."""
+    p = Path(snapshot)
+    return p.parent.parent if p.parent.name == "snapshots" else p
 
 
 def _with_revision(ckpt, revision: str | None, folder: str):

@@ -27,6 +27,8 @@ class Checkpoint:
     index_file: Path | None
     revision: str | None = None
     weight_files: list[Path] = field(default_factory=list)
+    boundary: Path | None = None  # where symlinks may point: the folder itself, or a Hub cache repo
+
 
     def other_files(self) -> list[Path]:
         """Files to copy into an output folder unchanged: everything but weights, relative to root."""
@@ -44,7 +46,7 @@ class Checkpoint:
                     continue
                 if fn.lower().endswith(FOREIGN_WEIGHTS) or fn == "ct-convert.json":
                     continue
-                if p.resolve() in skip or not inside(self.root, p):
+                if p.resolve() in skip or not inside(self.boundary or self.root, p):
                     continue
                 out.append(p.relative_to(self.root))
         return out
@@ -63,7 +65,7 @@ def resolve(source: str, revision: str | None = None, *, headers_only: bool = Fa
     raise InputError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
 
 
-def _local(source: str, path: Path) -> Checkpoint:
+def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: not a .safetensors file or a checkpoint folder")
@@ -75,7 +77,7 @@ def _local(source: str, path: Path) -> Checkpoint:
         root = path
         index = find_index(root)
         if index is not None:
-            files, weight_map = read_index(root, index)
+            files, weight_map = read_index(root, index, boundary)
         else:
             # transformers reads model.safetensors alone when there is no index; other files beside it
             # (references, adapters) are not part of the model
@@ -94,7 +96,7 @@ def _local(source: str, path: Path) -> Checkpoint:
                 f"{root}: no config.json, and the safetensors metadata holds no quantization_config",
                 hint="Put the model's config.json beside the weights.",
             )
-    return Checkpoint(source, root, config, config_file, store, index, weight_files=files)
+    return Checkpoint(source, root, config, config_file, store, index, weight_files=files, boundary=boundary)
 
 
 def find_index(root: Path) -> Path | None:
@@ -105,7 +107,7 @@ def find_index(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_index(root: Path, index: Path) -> tuple[list[Path], dict[str, Path]]:
+def read_index(root: Path, index: Path, boundary: Path | None = None) -> tuple[list[Path], dict[str, Path]]:
     data = load_json(index)
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
@@ -115,7 +117,7 @@ def read_index(root: Path, index: Path) -> tuple[list[Path], dict[str, Path]]:
         if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
             raise InputError(f"{index}: tensor {name!r} points to {rel!r}, outside the checkpoint folder")
         file = index.parent / rel
-        if not inside(root, file):
+        if not inside(boundary or root, file):
             raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which leaves the checkpoint folder")
         if not file.is_file():
             raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which does not exist")

@@ -91,10 +91,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
     tensors: dict[str, TensorMeta] = {}
     for name, entry in header.items():
         tensors[name] = _check_entry(path, name, entry, data_len)
-    spans = sorted((m.offsets, name) for name, m in tensors.items() if m.nbytes)
-    for (a, name_a), (b, name_b) in zip(spans, spans[1:]):
-        if b[0] < a[1]:
-            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the data section")
+    # safetensors requires the tensors to tile the data section exactly, in offset order
+    end = 0
+    for (start, stop), name in sorted((m.offsets, name) for name, m in tensors.items()):
+        if start < end:
+            raise InputError(f"{path}: tensor {name!r} overlaps the tensor before it in the data section")
+        if start > end:
+            raise InputError(f"{path}: tensor {name!r} starts at byte {start}, leaving a gap the header does not describe")
+        end = stop
+    if end != data_len:
+        raise InputError(f"{path}: the header describes {end} bytes of data but the file holds {data_len}")
     return tensors, metadata
 
 

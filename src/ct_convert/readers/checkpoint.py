@@ -156,6 +156,9 @@ def _discover(r: CompressedTensorsCheckpoint) -> None:
         quantized = inferred != "dense"
         group, how = explicit_match(p, weight_groups, names)
         ignored = is_ignored(p, qc.ignore)
+        if sparse and not quantized and not _sparsity_targets(p, qc, store.meta(f"{p}.weight").shape):
+            # <= 0.8 bitmask-compressed every tensor, whatever the config targeted: a storage detail
+            sparse = None
         if not quantized and not sparse:
             if "weight_scale" in tensors and not ignored:
                 # fake-quantized `dense` format: a quantized module stored as floats on the grid
@@ -197,6 +200,16 @@ def _declared_sparsity(p: str, qc: cfg.QuantizationConfig) -> str | None:
     if any(name_matches(p, t) for t in sc.ignore):
         return None
     return sc.structure
+
+
+def _sparsity_targets(p: str, qc: cfg.QuantizationConfig, shape) -> bool:
+    sc = qc.sparsity
+    if sc is None or len(shape) < 2 or any(name_matches(p, t) for t in sc.ignore):
+        return False
+    if not sc.targets or any(name_matches(p, t) for t in sc.targets):
+        return True
+    # class targets: "Linear" does not cover embeddings
+    return _class_only(sc.targets) and ("embed" not in p.rsplit(".", 1)[-1] or any("Embedding" in t for t in sc.targets))
 
 
 def _class_only(targets) -> bool:

@@ -4,5 +4,7 @@ from ct_convert.writers.base import WRITERS, RepackOptions, Writer, writer_for
 
 # importing a writer module registers it
 from ct_convert.writers import dense  # noqa: F401,E402
+from ct_convert.writers import trtllm  # noqa: F401,E402
+from ct_convert.writers import awq, gptq, marlin  # noqa: F401,E402
 
 __all__ = ["WRITERS", "RepackOptions", "Writer", "writer_for"]

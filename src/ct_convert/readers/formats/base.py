@@ -66,7 +66,7 @@ class ModuleTensors:
         """Validate a scale/zero-point tensor's element count against the strategy (§4.1)."""
         m = self.meta(suffix)
         want = expected_scale_shape(lead, n, k, args)
-        if want is not None and m.numel != math.prod(want):
+        if want is not None and not _shape_fits(m.shape, want, args.strategy):
             raise InputError(
                 f"tensor {self.tensors[suffix]}: shape {list(m.shape)} does not fit a {args.strategy} scheme "
                 f"for a weight of shape {[*lead, n, k]} (expected {list(want)})"
@@ -86,6 +86,16 @@ def expected_scale_shape(lead: tuple[int, ...], n: int, k: int, args: QuantArgs)
         bh, bw = args.block_structure
         return (*lead, math.ceil(n / bh), math.ceil(k / bw))
     return None
+
+
+def _shape_fits(shape: tuple[int, ...], want: tuple[int, ...], strategy: str) -> bool:
+    if tuple(shape) == want:
+        return True
+    if strategy == "tensor":  # [] and [1] both occur (§4.4); per-expert [E] or [E, 1]
+        return math.prod(shape) == math.prod(want)
+    if strategy == "channel":  # [N] occurs in third-party files
+        return tuple(shape) == want[:-1]
+    return False
 
 
 def check_rank(mt: ModuleTensors, suffix: str, meta: TensorMeta) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 from ct_convert.errors import InputError
 from ct_convert.readers.targets.base import OUTPUT_READERS, OutputReader
 
+from ct_convert.readers.targets import trtllm  # noqa: F401,E402  (before dense: its config.json has no quantization_config)
 from ct_convert.readers.targets import dense  # noqa: F401,E402  (registration)
+from ct_convert.readers.targets import awq, gptq, marlin  # noqa: F401,E402
 
 
 def open_output(folder: Path) -> OutputReader:

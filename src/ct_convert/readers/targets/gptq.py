@@ -1,0 +1,47 @@
+"""GPTQ output (targets.md §3): `qweight` a bit stream along K per column, `qzeros` one along N per
+group (stored minus one in v1), `g_idx` the group of each input row; w = (u - z[g_idx]) * scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ct_convert import bitpack
+from ct_convert.errors import InputError
+from ct_convert.readers.targets.base import HFOutputReader, quant_method, register
+
+
+class GPTQOutput(HFOutputReader):
+    kind = "gptq"
+
+    def dequantize_quantized(self, module: str) -> torch.Tensor | None:
+        if f"{module}.qweight" not in self.store:
+            return None
+        qc = self.config["quantization_config"]
+        b = int(qc["bits"])
+        fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+        if fmt not in ("gptq", "gptq_v2"):
+            raise InputError(f"{self.folder}: GPTQ checkpoint_format {fmt!r} cannot be read back")
+        qweight = self.store.get(f"{module}.qweight")  # [K*b/32, N]
+        scales = self.store.get(f"{module}.scales").to(torch.float32)  # [G, N]
+        g_idx = self.store.get(f"{module}.g_idx").to(torch.int64)  # [K]
+        k, n = g_idx.numel(), qweight.shape[1]
+        u = bitpack.unpack(qweight.t().contiguous(), b, k, bitpack.STREAM).to(torch.int64)  # [N, K]
+        z = bitpack.unpack(self.store.get(f"{module}.qzeros"), b, n, bitpack.STREAM).to(torch.int64)  # [G, N]
+        if fmt == "gptq":
+            z = z + 1  # v1 stores zero - 1; readers add it back without masking
+        if z.shape != scales.shape or int(g_idx.max()) >= scales.shape[0]:
+            raise InputError(f"{module}: qzeros {list(z.shape)}, scales {list(scales.shape)} and g_idx disagree")
+        zk = z.index_select(0, g_idx).t()  # [N, K]
+        sk = scales.index_select(0, g_idx).t()
+        return (u - zk).to(torch.float32) * sk
+
+
+@register("gptq")
+class GPTQKind:
+    def detect(self, folder: Path) -> bool:
+        return quant_method(folder) == "gptq"
+
+    def open(self, folder: Path) -> GPTQOutput:
+        return GPTQOutput(folder)

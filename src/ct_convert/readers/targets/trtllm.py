@@ -1,0 +1,236 @@
+"""TensorRT-LLM checkpoint (config.json + rank{r}.safetensors), read back per targets.md §4.
+
+Written from the spec, not from the writer: the mixed-GEMM layout (§4.7) is undone with the
+closed-form position of every element (which (k, n) each output nibble/byte came from), fused q/k/v
+are split by the head counts in config.json, and ranks are concatenated back to HF modules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ct_convert.errors import InputError
+from ct_convert.readers.targets.base import register
+from ct_convert.tensorstore import TensorStore, read_header
+
+SM_METADATA_KEY = "ct_convert.sm"  # safetensors __metadata__ key: the GPU layout a rank file holds
+
+_ROWS = {
+    8: [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15],
+    4: [0, 1, 8, 9, 16, 17, 24, 25, 2, 3, 10, 11, 18, 19, 26, 27, 4, 5, 12, 13, 20, 21, 28, 29, 6, 7, 14, 15, 22, 23, 30, 31],
+}
+_REGISTER = {8: [0, 2, 1, 3], 4: [0, 2, 4, 6, 1, 3, 5, 7]}
+_LINEARS = {
+    "self_attn.q_proj": ("attention.qkv", "column", 0),
+    "self_attn.k_proj": ("attention.qkv", "column", 1),
+    "self_attn.v_proj": ("attention.qkv", "column", 2),
+    "self_attn.o_proj": ("attention.dense", "row", 0),
+    "mlp.gate_proj": ("mlp.fc", "column", 0),
+    "mlp.up_proj": ("mlp.gate", "column", 0),
+    "mlp.down_proj": ("mlp.proj", "row", 0),
+}
+_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
+_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+
+
+def mixed_gemm_source_index(k: int, n: int, bits: int, sm: int) -> torch.Tensor:
+    """int64 [K*N]: for each element of the preprocessed stream (in byte / low-nibble-first order),
+    its position k*N + n in the row-major [K, N] input."""
+    p = torch.arange(k * n, dtype=torch.int64)
+    group = len(_REGISTER[bits])
+    q = p // group * group + torch.tensor(_REGISTER[bits])[p % group]  # before the register shuffle
+    il = 16 // bits if sm != 90 else 1
+    if il > 1:  # q indexes [N/il, K/64, il, 64]
+        e = q % 64
+        i = (q // 64) % il
+        c = (q // (64 * il)) % (k // 64)
+        a = q // (64 * il * (k // 64))
+        col, krow = a * il + i, c * 64 + e
+    else:
+        col, krow = q // k, q % k
+    rows = len(_ROWS[bits])
+    src_row = krow // rows * rows + torch.tensor(_ROWS[bits])[krow % rows]
+    return src_row * n + col
+
+
+def undo_mixed_gemm(data: torch.Tensor, k: int, n: int, bits: int, sm: int) -> torch.Tensor:
+    """Preprocessed bytes (any dtype, K*N*bits/8 bytes) -> signed codes int8 [K, N]."""
+    raw = data.contiguous().view(torch.uint8).reshape(-1).to(torch.int16)
+    if bits == 4:
+        elems = torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(-1) - 8
+        elems = torch.where(elems < -8, elems + 16, elems)
+        elems = torch.where(elems > 7, elems - 16, elems)
+    else:
+        elems = raw - 128
+    out = torch.empty(k * n, dtype=torch.int16)
+    out[mixed_gemm_source_index(k, n, bits, sm)] = elems
+    return out.reshape(k, n).to(torch.int8)
+
+
+class TRTLLMOutput:
+    kind = "trtllm"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.config = json.loads((folder / "config.json").read_text())
+        mapping = self.config.get("mapping") or {}
+        self.tp = int(mapping.get("tp_size", 1))
+        q = self.config.get("quantization") or {}
+        self.algo = q.get("quant_algo")
+        self.group_size = q.get("group_size")
+        self.sm = _sm_from_metadata(folder)
+        heads, kv = self.config["num_attention_heads"], self.config.get("num_key_value_heads") or self.config["num_attention_heads"]
+        d = self.config["head_size"]
+        self.qkv_rows = (heads * d // self.tp, kv * d // self.tp, kv * d // self.tp)
+        self.ranks = []
+        for r in range(self.tp):
+            path = folder / f"rank{r}.safetensors"
+            if not path.is_file():
+                raise InputError(f"{path}: missing rank file (mapping.tp_size is {self.tp})")
+            self.ranks.append(TensorStore(folder, [path]))
+
+    def _get(self, rank: int, name: str) -> torch.Tensor | None:
+        store = self.ranks[rank]
+        return store.get(name) if name in store else None
+
+    # -- weights -------------------------------------------------------------------------------
+    def dequantize(self, module: str) -> torch.Tensor | None:
+        if module == "lm_head":
+            return self._cat_rows("lm_head.weight")
+        m = _MODULE.match(module)
+        if m is None:
+            return None
+        trt, parallel, part = _LINEARS[m.group(2)]
+        name = f"transformer.layers.{m.group(1)}.{trt}"
+        shards = []
+        for r in range(self.tp):
+            w = self._rank_weight(r, name)
+            if w is None:
+                return None
+            if trt == "attention.qkv":
+                start = sum(self.qkv_rows[:part])
+                w = w[start:start + self.qkv_rows[part]]
+            shards.append(w)
+        return torch.cat(shards, dim=0 if parallel == "column" else 1)
+
+    def _rank_weight(self, r: int, name: str) -> torch.Tensor | None:
+        """One rank's weight [n, k]: float as stored, or float32 values of a quantized layout."""
+        w = self._get(r, f"{name}.weight")
+        if w is None:
+            return None
+        if self.algo == "FP8" and w.dtype == torch.float8_e4m3fn:
+            return w.to(torch.float32) * self._get(r, f"{name}.weights_scaling_factor").to(torch.float32)
+        if self.algo == "W4A16_AWQ" and w.dtype == torch.int8:
+            return self._awq(r, name, w)
+        if self.algo == "W4A16_GPTQ" and self._get(r, f"{name}.zero") is not None:
+            return self._gptq(r, name, w)
+        if self.algo in ("W4A16", "W8A16") and w.dtype == torch.int8:
+            bits = 4 if self.algo == "W4A16" else 8
+            k = w.shape[0]
+            n = w.shape[1] * 8 // bits
+            codes = undo_mixed_gemm(w, k, n, bits, self._need_sm())
+            scale = self._get(r, f"{name}.per_channel_scale").to(torch.float32)
+            return codes.t().to(torch.float32) * scale.reshape(-1, 1)
+        return w
+
+    def _need_sm(self) -> int:
+        if self.sm is None:
+            raise InputError(f"{self.folder}: {self.algo} layout depends on the GPU (sm) it was written for, "
+                             f"and its rank files' metadata ({SM_METADATA_KEY}) does not say which")
+        return self.sm
+
+    def _awq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
+        # int8 [N/2, K]: byte (j, k) holds channel 2j in its low nibble, 2j+1 in its high nibble
+        b = w.to(torch.int16) & 0xFF
+        lo = b & 0xF
+        hi = b >> 4
+        codes = torch.stack((lo, hi), dim=1).reshape(-1, w.shape[1])
+        codes = torch.where(codes > 7, codes - 16, codes).to(torch.float32)
+        scale = self._get(r, f"{name}.weights_scaling_factor").to(torch.float32)  # [N, G]
+        return codes * scale.repeat_interleave(self.group_size, dim=1)
+
+    def _gptq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The plugin computes s*scale + zero with zero = (8 - z)*scale rounded to the model dtype.
+        Recover the integer 8 - z (the rounding moved it by far less than half a scale) and return
+        (s + 8 - z) * scale in float32, the exact value the source's (u - z) * scale denotes; a
+        stored zero that is not that integer times the scale, rounded once, returns the plugin's
+        value instead so the comparison fails."""
+        k = w.shape[0]
+        n = w.shape[1] * 4
+        codes = undo_mixed_gemm(w, k, n, 4, self._need_sm()).to(torch.float32)  # [K, N]
+        scale = self._get(r, f"{name}.weights_scaling_factor")  # [G, N]
+        zero = self._get(r, f"{name}.zero")
+        s32, z32 = scale.to(torch.float32), zero.to(torch.float32)
+        offset = torch.round(z32 / torch.where(s32 == 0, torch.ones_like(s32), s32))
+        if not torch.equal((offset * s32).to(zero.dtype), zero):
+            offset = z32 / s32
+        full_s = s32.repeat_interleave(self.group_size, dim=0)
+        full_o = offset.repeat_interleave(self.group_size, dim=0)
+        return ((codes + full_o) * full_s).t().contiguous()
+
+    # -- carried tensors -----------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor | None:
+        if name == "model.embed_tokens.weight":
+            return self._get(0, "transformer.vocab_embedding.weight")
+        if name == "model.norm.weight":
+            return self._get(0, "transformer.ln_f.weight")
+        if name == "lm_head.weight":
+            return self._cat_rows("lm_head.weight")
+        m = _NORM.match(name)
+        if m:
+            trt = "input_layernorm" if m.group(2) == "input_layernorm" else "post_layernorm"
+            return self._get(0, f"transformer.layers.{m.group(1)}.{trt}.weight")
+        module, _, suffix = name.rpartition(".")
+        if suffix == "weight" and _MODULE.match(module):
+            return self.dequantize(module)
+        if suffix == "bias" and _MODULE.match(module):
+            return self._bias(module)
+        return None
+
+    def _bias(self, module: str) -> torch.Tensor | None:
+        m = _MODULE.match(module)
+        trt, parallel, part = _LINEARS[m.group(2)]
+        name = f"transformer.layers.{m.group(1)}.{trt}.bias"
+        if parallel == "row":
+            return self._get(0, name)
+        shards = []
+        for r in range(self.tp):
+            b = self._get(r, name)
+            if b is None:
+                return None
+            if trt == "attention.qkv":
+                start = sum(self.qkv_rows[:part])
+                b = b[start:start + self.qkv_rows[part]]
+            shards.append(b)
+        return torch.cat(shards)
+
+    def _cat_rows(self, name: str) -> torch.Tensor | None:
+        shards = [self._get(r, name) for r in range(self.tp)]
+        return None if any(s is None for s in shards) else torch.cat(shards, dim=0)
+
+
+def _sm_from_metadata(folder: Path) -> int | None:
+    """The SM is not part of TensorRT-LLM's config; ct-convert records it in the rank files' metadata."""
+    _, meta = read_header(folder / "rank0.safetensors")
+    sm = (meta or {}).get(SM_METADATA_KEY)
+    return int(sm) if sm and str(sm).isdigit() else None
+
+
+@register("trtllm")
+class TRTLLMKind:
+    def detect(self, folder: Path) -> bool:
+        cfg = folder / "config.json"
+        if not (folder / "rank0.safetensors").is_file() or not cfg.is_file():
+            return False
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return isinstance(data, dict) and "architecture" in data and "mapping" in data
+
+    def open(self, folder: Path) -> TRTLLMOutput:
+        return TRTLLMOutput(folder)

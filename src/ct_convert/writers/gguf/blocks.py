@@ -1,0 +1,88 @@
+"""Exact ggml block encoders (gguf.md §2): normalized codes and per-block scales in, block bytes out.
+
+Every encoder takes codes `[..., N, K]` and per-32-column (NVFP4: per-16) scales `[..., N, K/32]`
+and returns the uint8 rows `[..., N, row_bytes]` that ggml reads for a tensor of `ne = {K, N, ...}`.
+All multi-byte fields are little-endian (torch views on a little-endian host).
+
+ggml puts element j of a 32-element block in the low nibble and element j+16 in the high nibble of
+byte j (NVFP4: j / j+8 inside each 16-element sub-block), unlike compressed-tensors' 2i / 2i+1
+packing, so codes are always re-paired here; a byte copy of CT's packed words would scramble them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+QK = 32  # elements per Q4_0 / Q5_0 / Q8_0 / MXFP4 block
+QK_NVFP4 = 64
+NVFP4_SUB = 16
+
+BLOCK_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q8_0": 34, "MXFP4": 17, "NVFP4": 36}
+
+assert sys.byteorder == "little", "ggml block fields are little-endian"
+
+
+def _blocks(t: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., K] -> [..., K/size, size]."""
+    return t.reshape(*t.shape[:-1], t.shape[-1] // size, size)
+
+
+def _pair_halves(nibbles: torch.Tensor, half: int) -> torch.Tensor:
+    """uint8 4-bit values [..., 2*half] -> bytes [..., half]: low nibble = element j, high = j + half."""
+    b = nibbles.reshape(*nibbles.shape[:-1], 2, half)
+    return b[..., 0, :] | (b[..., 1, :] << 4)
+
+
+def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """Scales [..., nb] (already checked to be fp16-exact) -> [..., nb, 2]."""
+    return d.to(torch.float16).contiguous().view(torch.uint8).reshape(*d.shape, 2)
+
+
+def _rows(blocks: torch.Tensor) -> torch.Tensor:
+    """[..., N, nb, bytes] -> [..., N, nb*bytes]."""
+    return blocks.reshape(*blocks.shape[:-2], -1)
+
+
+def q4_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Signed int codes in [-8, 7] -> Q4_0; value (nibble - 8)·d."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    qs = _pair_halves(_blocks(u, QK), QK // 2)
+    return _rows(torch.cat([_fp16_bytes(d), qs], dim=-1))
+
+
+def q5_0(diff: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """q − zp in [-16, 15] -> Q5_0; value (q5 − 16)·d with q5 split in 4 low bits and a bit-plane."""
+    q5 = _blocks((diff.to(torch.int16) + 16).to(torch.uint8), QK)
+    qs = _pair_halves(q5 & 15, QK // 2)
+    high = ((q5 >> 4) & 1).reshape(*q5.shape[:-1], 4, 8)  # bit j of the u32 = element j's 5th bit
+    weights = (1 << torch.arange(8, dtype=torch.int16)).to(torch.uint8)
+    qh = (high * weights).sum(dim=-1, dtype=torch.int16).to(torch.uint8)
+    return _rows(torch.cat([_fp16_bytes(d), qh, qs], dim=-1))
+
+
+def q8_0(values: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Integers in [-128, 127] -> Q8_0; value q·d (ggml's -128 is legal on load)."""
+    qs = _blocks(values.to(torch.int8).contiguous().view(torch.uint8), QK)
+    return _rows(torch.cat([_fp16_bytes(d), qs], dim=-1))
+
+
+def mxfp4(codes: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (bit 3 = sign) and E8M0 exponent bytes -> MXFP4; the exponent byte is copied."""
+    qs = _pair_halves(_blocks(codes.to(torch.uint8), QK), QK // 2)
+    return _rows(torch.cat([exponents.to(torch.uint8).unsqueeze(-1), qs], dim=-1))
+
+
+def nvfp4(codes: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes and positive F8_E4M3 scale bytes (one per 16 elements) -> NVFP4 (4 scales + 32 code bytes)."""
+    d = _blocks(scale_bytes.to(torch.uint8) & 0x7F, QK_NVFP4 // NVFP4_SUB)
+    sub = _blocks(codes.to(torch.uint8), NVFP4_SUB)  # [..., K/16, 16]
+    qs = _pair_halves(sub, NVFP4_SUB // 2)  # [..., K/16, 8]
+    qs = _blocks(qs.reshape(*qs.shape[:-2], -1), QK_NVFP4 // 2)
+    return _rows(torch.cat([d, qs], dim=-1))
+
+
+def row_bytes(ggml_type: str, k: int) -> int:
+    block = QK_NVFP4 if ggml_type == "NVFP4" else QK
+    return k // block * BLOCK_BYTES[ggml_type]

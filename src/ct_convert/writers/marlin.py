@@ -1,0 +1,71 @@
+"""`--target marlin`: the original IST-DASLab Marlin checkpoint (targets.md §1.9) that TGI loads
+(`--quantize marlin`): `B` in the Marlin tile layout, `s` permuted, 4-bit symmetric only."""
+
+from __future__ import annotations
+
+import torch
+
+from ct_convert.errors import UnsupportedConversion
+from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
+from ct_convert.safetensors_out import TensorSpec
+from ct_convert.writers.base import RepackOptions, WriteReport, register
+from ct_convert.writers.gptq import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
+
+
+@register
+class MarlinWriter(IntWeightWriter):
+    name = "marlin"
+    label = "Marlin"
+    bits = (4,)
+
+    def layout_refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        s = info.scheme
+        n, k = info.shape
+        if not s.symmetric:
+            return "asymmetric zero points; the Marlin format is symmetric only (use --target awq)"
+        if s.strategy == "group" and s.group_size != 128:
+            return f"group size {s.group_size}; the Marlin format runs group 128 or channel-wise only"
+        if s.actorder == "group":
+            return "act-order (g_idx) cannot be stored in the Marlin format (use --target gptq)"
+        if k % 128 or n % 256:
+            return f"shape N={n}, K={k}; the Marlin kernel needs K % 128 == 0 and N % 256 == 0"
+        return None
+
+    def check(self, reader, opts: RepackOptions) -> None:
+        super().check(reader, opts)
+        refused = [m for m, i in reader.modules.items() if self.refusal(i, opts)]
+        if opts.keep_unsupported and refused:
+            # the format has no per-module exclusion list: a dense linear among B/s would not load
+            raise UnsupportedConversion(
+                f"{refused[0]}: the Marlin format cannot mark modules as unquantized, so "
+                f"--keep-unsupported dense cannot write it: {self.refusal(reader.modules[refused[0]], opts)}",
+                hint="Use --target gptq or --target awq, which list unconverted modules in their config.",
+            )
+
+    def specs(self, info: ModuleInfo, opts: RepackOptions) -> list[TensorSpec]:
+        n, k = info.shape
+        return [
+            TensorSpec("B", torch.int32, (k // 16, 2 * n)),
+            TensorSpec("s", torch.float16, (info.num_groups, n)),
+        ]
+
+    def convert(self, qw: QuantizedWeight, opts: RepackOptions) -> dict[str, torch.Tensor]:
+        require_plain_g_idx(qw, self.label)
+        n, k = qw.shape
+        scales = fp16_scales(qw, self.label)
+        return {
+            "B": marlin_weights(unsigned_codes(qw).t(), 4),
+            "s": marlin_permute_scales(scales, k, n, qw.effective_group_size),
+        }
+
+    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict:
+        # TGI reads bits, group_size, sym and desc_act beside quant_method; vLLM <= 0.10 group_size and lm_head
+        return {
+            "quant_method": "marlin",
+            "group_size": self.config_group_size(reader, opts),
+            "bits": 4,
+            "sym": True,
+            "desc_act": False,
+            "lm_head": report.modules.get("lm_head", {}).get("status") == "converted",
+        }
