@@ -202,7 +202,12 @@ def verify(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode, typer returns exit codes (130 for Ctrl-C) instead of exiting
+        code = app(standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CTConvertError as e:
         if _state["debug"]:
             raise

@@ -65,10 +65,12 @@ def pack_lsb(values: torch.Tensor, bits: int) -> torch.Tensor:
     if (values.shape[-1] * bits) % 32:
         raise ValueError(f"{values.shape[-1]} {bits}-bit values do not fill whole 32-bit words")
     v = values.to(torch.uint8)
-    packed = v[..., 0::per].clone() if per > 1 else v.clone()
+    # a fresh tensor has the standard strides `view(torch.int32)` needs, even for size-1 dimensions
+    packed = torch.empty(*v.shape[:-1], v.shape[-1] // per, dtype=torch.uint8, device=v.device)
+    packed.copy_(v[..., 0::per])
     for i in range(1, per):
         packed |= v[..., i::per] << (bits * i)
-    return packed.contiguous().view(torch.int32)
+    return packed.view(torch.int32)
 
 
 def marlin_weights(codes: torch.Tensor, bits: int, perm: torch.Tensor | None = None) -> torch.Tensor:

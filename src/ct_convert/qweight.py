@@ -197,10 +197,29 @@ class QuantizedWeight:
         if self.encoding is Encoding.DENSE:
             return self.dense.to(out_dtype)
         values = self.code_values()
-        scale = self._expanded(self._effective_scale().to(torch.float32))
-        if self.zero_point is not None:
-            values = values - self._expanded(self.zero_point.to(torch.float32))
-        return (values * scale).to(out_dtype)
+        scale = self._effective_scale().to(torch.float32)
+        zp = self.zero_point.to(torch.float32) if self.zero_point is not None else None
+        if self._groups_are_contiguous():
+            # [.., N, G, gs] views broadcast the per-group values without gathering them per column
+            *lead, n, k = self.shape
+            gs = self.effective_group_size
+            v = values.reshape(*lead, n, k // gs, gs)
+            if zp is not None:
+                v = v - zp.reshape(*lead, n, -1, 1)
+            return (v * scale.reshape(*lead, n, -1, 1)).reshape(self.shape).to(out_dtype)
+        if zp is not None:
+            values = values - self._expanded(zp)
+        return (values * self._expanded(scale)).to(out_dtype)
+
+    def _groups_are_contiguous(self) -> bool:
+        s = self.scheme
+        if s.strategy == "channel":
+            return True
+        return (
+            s.strategy in ("group", "tensor_group")
+            and self.g_idx is None
+            and self.in_features % s.group_size == 0
+        )
 
     def _effective_scale(self) -> torch.Tensor:
         s = self.scale

@@ -34,13 +34,15 @@ class MarlinWriter(IntWeightWriter):
 
     def check(self, reader, opts: RepackOptions) -> None:
         super().check(reader, opts)
-        refused = [m for m, i in reader.modules.items() if self.refusal(i, opts)]
-        if opts.keep_unsupported and refused:
-            # the format has no per-module exclusion list: a dense linear among B/s would not load
+        refused = [(m, why) for m, i in reader.modules.items() if (why := self.refusal(i, opts))]
+        if refused:
+            # no per-module exclusion list exists in this format, so a dense fallback would not load either
+            name, why = refused[0]
+            more = f" (and {len(refused) - 1} more modules)" if len(refused) > 1 else ""
             raise UnsupportedConversion(
-                f"{refused[0]}: the Marlin format cannot mark modules as unquantized, so "
-                f"--keep-unsupported dense cannot write it: {self.refusal(reader.modules[refused[0]], opts)}",
-                hint="Use --target gptq or --target awq, which list unconverted modules in their config.",
+                f"{name}: cannot be written as marlin: {why}{more}",
+                hint="The Marlin format cannot mark modules unquantized (no --keep-unsupported dense); "
+                "use --target gptq or --target awq.",
             )
 
     def specs(self, info: ModuleInfo, opts: RepackOptions) -> list[TensorSpec]:

@@ -26,3 +26,4 @@ def open_output(folder: Path) -> OutputReader:
 
 
 __all__ = ["open_output", "OutputReader"]
+from ct_convert.readers.targets import gguf  # noqa: F401,E402

@@ -84,7 +84,7 @@ def _bpe(source: Path, config: dict, n_vocab: int, strict: bool) -> Vocab:
     try:
         raw = json.loads(path.read_text())
         tok = tokenizers.Tokenizer.from_file(str(path))
-    except (OSError, ValueError, Exception) as e:  # tokenizers raises its own Exception type
+    except Exception as e:  # tokenizers raises its own exception types
         raise InputError(f"{path}: cannot read the tokenizer ({e})", hint=_HINT) from None
     model = raw.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")):

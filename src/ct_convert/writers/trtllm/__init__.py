@@ -99,8 +99,11 @@ def _biases(plan: planning.Plan) -> dict:
 def _notes(plan: planning.Plan) -> list[str]:
     notes = []
     if plan.algo == planning.FP8 and any(len(lp.linear.parts) > 1 and lp.mode == planning.QUANT for lp in plan.linears):
-        notes.append("FP8 fused q/k/v and gate/up: every part had the same weight_scale and input_scale, "
-                     "written unchanged as weights_scaling_factor / activation_scaling_factor (no re-quantization)")
+        notes.append("FP8 fused q/k/v: q, k and v had the same weight_scale and input_scale, written unchanged as "
+                     "weights_scaling_factor / activation_scaling_factor (no re-quantization)")
+    if plan.algo == planning.FP8:
+        notes.append("FP8 gate_proj/up_proj: separate linears in the checkpoint (mlp.fc / mlp.gate), each with its own "
+                     "scales; if trtllm-build fuses the gated MLP it rescales them itself")
     if plan.algo == planning.W4A16_GPTQ:
         notes.append(f"W4A16_GPTQ: mixed-GEMM layout for sm{plan.sm}; zero = (8 - z) * scale rounded once to "
                      f"{DTYPE_NAMES[plan.dtype]}, as TensorRT-LLM's converters compute it")

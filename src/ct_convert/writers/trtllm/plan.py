@@ -170,6 +170,12 @@ def build(reader, opts: RepackOptions) -> Plan:
                 fallbacks.extend(bad)
                 lp.mode = DENSE
             linears.append(lp)
+    planned = {p for lp in linears for p in lp.linear.parts}
+    stray = [n for n in reader.modules if n != "lm_head" and n not in planned and not any(n in b for b in refused)]
+    if stray:
+        raise UnsupportedConversion(
+            f"{stray[0]}: beyond num_hidden_layers {geo.layers} of config.json", hint="The checkpoint is inconsistent."
+        )
     lm_head = "tensor"
     if "lm_head" in reader.modules:
         lm_head = "module"
@@ -178,6 +184,8 @@ def build(reader, opts: RepackOptions) -> Plan:
         if "model.embed_tokens.weight" not in names:
             raise UnsupportedConversion("lm_head.weight: missing, and no model.embed_tokens.weight to tie it to")
         lm_head = "tied"
+    if refused and all("--sm" in why for _, why in refused):
+        _refuse(refused, "Pass --sm with the GPU family that will run the engine (80 Ampere, 89 Ada, 90 Hopper, 100 Blackwell).")
     if refused:
         _refuse(refused, "Pass --keep-unsupported dense to write such modules in float (listed in exclude_modules), "
                 "or choose another --target.")

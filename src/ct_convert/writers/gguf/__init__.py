@@ -1,0 +1,312 @@
+"""`--target gguf`: one self-contained GGUF (or split parts) for llama.cpp and ollama (gguf.md).
+
+Every quantized module becomes the ggml block type that holds it exactly (mapping.py), or its
+dequantized weight in the source float type (F32 where llama.cpp requires it), listed as a fallback.
+The file is planned from headers plus a scan of the scales, then streamed tensor by tensor through
+gguf-py (tensor infos first, data in the same order), stacked MoE experts one expert at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from ct_convert.errors import UnsupportedConversion
+from ct_convert.output import sha256_file
+from ct_convert.qweight import ModuleInfo
+from ct_convert.writers.base import Progress, RepackOptions, WriteReport, register
+from ct_convert.writers.gguf import arch as A
+from ct_convert.writers.gguf import blocks, mapping, vocab
+
+OUTPUT_STEM = "model"
+_GUESS_NAMES = A.Names(gguf.MODEL_ARCH.LLAMA, 1)  # slot lookup for `refusal`, which has no config
+
+
+@dataclass
+class Entry:
+    """One GGUF tensor and where its bytes come from."""
+
+    name: str
+    kind: str  # "module" (quantized source modules) | "tensor" (carried) | "constant"
+    parts: list[str]  # source module or tensor names; experts in expert order
+    ggml: str
+    shape: tuple[int, ...]  # numpy order: (N, K) or (E, N, K)
+    reason: str | None = None  # why a quantized module is written dense
+    heads: int | None = None  # llama Q/K rope row order over this many heads
+    constant: torch.Tensor | None = None
+    order: tuple = ()
+
+    @property
+    def nbytes(self) -> int:
+        if self.ggml in mapping.QUANTIZED:
+            return math.prod(self.shape[:-1]) * blocks.row_bytes(self.ggml, self.shape[-1])
+        return math.prod(self.shape) * mapping.TORCH_OF[self.ggml].itemsize
+
+
+@dataclass
+class Layout:
+    arch: gguf.MODEL_ARCH
+    entries: list[Entry]
+    dropped: list[str] = field(default_factory=list)
+
+
+@register
+class GGUFWriter:
+    name = "gguf"
+
+    def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        guess = _GUESS_NAMES.gguf_name(re.sub(r"\.layers\.\d+\.", ".layers.0.", f"{info.name}.weight"))
+        _, why = mapping.choose(info, A.slot(guess) if guess else "", opts.nvfp4)
+        return why
+
+    def check(self, reader, opts: RepackOptions) -> None:
+        layout = _layout(reader, opts)
+        if opts.strict:
+            _refuse_fallbacks(layout.entries, "")
+        if opts.vocab_from is not None:
+            vocab.check_vocab_from(opts.vocab_from)
+        vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict)
+
+    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
+        layout = _layout(reader, opts)
+        _scan_scales(reader, layout)
+        if opts.strict:
+            _refuse_fallbacks(layout.entries, " (found in its scales)")
+        voc = vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict)
+        report = WriteReport(dropped=sorted(layout.dropped))
+        w = self._metadata(reader, layout, voc)
+        total = sum(e.nbytes for e in layout.entries)
+        if total > opts.max_shard_size:
+            w.split_max_size = opts.max_shard_size
+        for e in layout.entries:
+            w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=gguf.GGMLQuantizationType[e.ggml])
+        path = out / f"{OUTPUT_STEM}.gguf"
+        files = w.format_shard_names(path)
+        shards = [list(t) for t in w.tensors]
+        by_name = {e.name: e for e in layout.entries}
+        try:
+            w.write_header_to_file(path)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for i, (file, names) in enumerate(zip(files, shards)):
+                for n in names:
+                    w.write_tensor_data(_Stream(by_name[n].nbytes, _chunks(reader, by_name[n], progress)))
+                w.fout[i].flush()
+                sha, size = sha256_file(file)
+                report.files[file.name] = {"sha256": sha, "size": size}
+        finally:
+            w.close()
+        _report(layout, report, voc, len(files))
+        return report
+
+    def _metadata(self, reader, layout: Layout, voc: vocab.Vocab) -> gguf.GGUFWriter:
+        w = gguf.GGUFWriter(None, A.arch_name(layout.arch))
+        w.add_name(reader.ckpt.root.name)
+        A.add_hparams(w, layout.arch, reader.config, _n_vocab(layout))
+        file_type = _file_type(layout.entries)
+        if file_type is not None:
+            w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add(w, voc)
+        return w
+
+
+def _layout(reader, opts: RepackOptions) -> Layout:
+    config = reader.config
+    arch = A.arch_of(config)
+    A.check_config(arch, config)
+    if reader.online_transforms:
+        raise UnsupportedConversion(
+            f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
+            hint="The weights alone are not the model; llama.cpp cannot apply the transform.",
+        )
+    names = A.Names(arch, int(config["num_hidden_layers"]))
+    layout = Layout(arch, [])
+    grouped: dict[str, list[tuple[int, str, str]]] = {}  # gguf name -> [(expert, kind, source)]
+
+    def place(hf_weight: str, kind: str, source: str) -> None:
+        g = names.gguf_name(hf_weight)
+        if g is None:
+            raise UnsupportedConversion(
+                f"{source}: no llama.cpp {A.arch_name(arch)} tensor corresponds to it",
+                hint="llama.cpp rejects files with unknown tensors; this checkpoint has parts the architecture lacks.",
+            )
+        stacked = A.expert_of(hf_weight)
+        grouped.setdefault(g, []).append((stacked[1] if stacked else -1, kind, source))
+
+    for name in reader.modules:
+        place(f"{name}.weight", "module", name)
+    for t in reader.passthrough():
+        if reader.is_quantization_param(t) or A.is_dropped(t):
+            layout.dropped.append(t)
+            continue
+        place(t, "tensor", t)
+    n_experts = A.expert_count(config)
+    for g, items in grouped.items():
+        layout.entries.append(_entry(reader, arch, config, g, sorted(items), n_experts, opts))
+    freqs = A.rope_freqs(config)
+    if freqs is not None:
+        layout.entries.append(Entry("rope_freqs.weight", "constant", [], "F32", tuple(freqs.shape), constant=freqs))
+    layout.entries.sort(key=lambda e: e.order)
+    return layout
+
+
+def _entry(reader, arch, config, g: str, items, n_experts, opts: RepackOptions) -> Entry:
+    experts = [e for e, _, _ in items]
+    kinds = {k for _, k, _ in items}
+    sources = [s for _, _, s in items]
+    if experts != [-1]:
+        if -1 in experts or experts != list(range(n_experts or 0)):
+            raise UnsupportedConversion(
+                f"{g}: experts {experts[:8]}{'…' if len(experts) > 8 else ''} found, expected 0..{(n_experts or 0) - 1} "
+                "(llama.cpp needs every expert of a layer, stacked)"
+            )
+        if len(kinds) > 1:
+            raise UnsupportedConversion(f"{g}: some experts are quantized and others are not; they must share one ggml type")
+    kind = kinds.pop()
+    order = min(_order_key(reader, s, kind) for s in sources)
+    heads = A.permute_heads(arch, g, config)
+    slot = A.slot(g)
+    if kind == "tensor":
+        meta = reader.store.meta(sources[0])
+        dtype = meta.torch_dtype
+        if dtype not in mapping.DENSE_TYPES:
+            raise UnsupportedConversion(f"{sources[0]}: a {dtype} tensor has no place in a GGUF")
+        one_d = len(meta.shape) <= 1
+        ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in slot or slot in A.F32_SLOTS else mapping.dense_type(dtype)
+        shape = tuple(meta.shape) if len(sources) == 1 else (len(sources), *meta.shape)
+        return Entry(g, kind, sources, ggml, shape, heads=heads, order=order)
+    infos = [reader.modules[s] for s in sources]
+    choices = {mapping.choose(i, slot, opts.nvfp4) for i in infos}
+    ggml, reason = choices.pop() if len(choices) == 1 else (None, "the experts of this layer map to different types")
+    if reason is not None:
+        ggml = "F32" if slot in A.F32_SLOTS else mapping.dense_type(infos[0].dtype)
+    shape = tuple(infos[0].shape) if len(infos) == 1 else (len(infos), *infos[0].shape)
+    return Entry(g, "module", sources, ggml, shape, reason=reason, heads=heads, order=order)
+
+
+def _order_key(reader, source: str, kind: str) -> tuple:
+    """Source order (file, offset), so reads sweep each shard front to back."""
+    t = source if kind == "tensor" else min(reader.modules[source].tensors.values())
+    m = reader.store.meta(t)
+    return (1, str(m.file), m.offsets[0], source)
+
+
+def _scan_scales(reader, layout: Layout) -> None:
+    """Confirm quantized types from the stored scales (no codes read); add NVFP4 `.scale` tensors."""
+    extra = []
+    for e in layout.entries:
+        if e.kind != "module" or e.ggml not in mapping.QUANTIZED:
+            continue
+        multipliers = []
+        for s in e.parts:
+            qw = reader.read(s)
+            why = mapping.data_reason(qw, e.ggml)
+            if why is not None:
+                e.reason = f"{s}: {why}"
+                e.ggml = "F32" if A.slot(e.name) in A.F32_SLOTS else mapping.dense_type(qw.dtype)
+                break
+            if e.ggml == "NVFP4":
+                multipliers.append(mapping.nvfp4_multiplier(qw))
+        if e.ggml == "NVFP4":
+            values = torch.cat(multipliers)
+            base = e.name.removesuffix(".weight")
+            extra.append(Entry(f"{base}.scale", "constant", [], "F32", tuple(values.shape), constant=values, order=e.order + (1,)))
+    layout.entries.extend(extra)
+    layout.entries.sort(key=lambda e: e.order)
+
+
+def _refuse_fallbacks(entries: list[Entry], where: str) -> None:
+    bad = [e for e in entries if e.kind == "module" and e.reason is not None]
+    if bad:
+        e = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise UnsupportedConversion(
+            f"{e.parts[0]}: no exact GGUF block type{where}: {e.reason}; --strict refuses the {e.ggml} fallback{more}",
+            hint="Drop --strict to write such tensors unquantized (listed in the manifest).",
+        )
+
+
+def _n_vocab(layout: Layout) -> int:
+    for e in layout.entries:
+        if e.name == "token_embd.weight":
+            return e.shape[-2]
+    raise UnsupportedConversion("the checkpoint has no token embedding (model.embed_tokens.weight)")
+
+
+def _file_type(entries: list[Entry]) -> int | None:
+    """general.file_type (informational): the type holding most bytes among 2-D+ weights."""
+    sizes: dict[str, int] = {}
+    for e in entries:
+        if len(e.shape) >= 2:
+            sizes[e.ggml] = sizes.get(e.ggml, 0) + e.nbytes
+    top = max(sizes, key=sizes.get) if sizes else None
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "MXFP4": "MOSTLY_MXFP4_MOE"}
+    member = names.get(top, f"MOSTLY_{top}")
+    return int(gguf.LlamaFileType[member]) if member in gguf.LlamaFileType.__members__ else None
+
+
+class _Stream:
+    """Duck-typed array for `GGUFWriter.write_tensor_data`: writes its chunks one after another."""
+
+    def __init__(self, nbytes: int, chunks: Iterator[torch.Tensor]):
+        self.nbytes = nbytes
+        self._chunks = chunks
+
+    def tofile(self, fp) -> None:
+        written = 0
+        for chunk in self._chunks:
+            data = chunk.contiguous().view(torch.uint8).reshape(-1).numpy()
+            fp.write(memoryview(data))
+            written += data.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
+
+
+def _chunks(reader, e: Entry, progress: Progress) -> Iterator[torch.Tensor]:
+    if e.kind == "constant":
+        yield e.constant.to(torch.float32)
+        return
+    rows = None
+    if e.heads is not None:
+        rows = A.rope_rows(e.shape[-2] if len(e.shape) > 1 else e.shape[0], e.heads)
+    for s in e.parts:
+        if e.kind == "tensor":
+            t = reader.get(s).to(mapping.TORCH_OF[e.ggml])
+            if rows is not None:
+                t = t.index_select(-2 if t.dim() > 1 else 0, rows)
+            progress(reader.store.meta(s).nbytes)
+            yield t
+        else:
+            qw = reader.read(s)
+            yield mapping.encode(qw, e.ggml, rows)
+            progress(sum(reader.store.meta(t).nbytes for t in qw.info.tensors.values()))
+
+
+def _report(layout: Layout, report: WriteReport, voc: vocab.Vocab, n_files: int) -> None:
+    for e in layout.entries:
+        if e.kind != "module":
+            continue
+        for i, s in enumerate(e.parts):
+            entry = {"status": "dense" if e.reason else "converted", "tensor": e.name, "type": e.ggml}
+            if len(e.parts) > 1:
+                entry["expert"] = i
+            report.modules[s] = entry
+            if e.reason:
+                report.fallbacks.append({"module": s, "tensor": e.name, "written_as": e.ggml, "reason": e.reason})
+    if report.fallbacks:
+        kinds = sorted({f["written_as"] for f in report.fallbacks})
+        report.notes.append(
+            f"{len(report.fallbacks)} quantized module(s) written unquantized ({'/'.join(kinds)}) because no GGUF type "
+            f"holds them exactly; see fallbacks (e.g. {report.fallbacks[0]['module']}: {report.fallbacks[0]['reason']})"
+        )
+    report.notes.extend(voc.notes)
+    if n_files > 1:
+        report.notes.append(f"split into {n_files} parts: load the first ({OUTPUT_STEM}-00001-of-{n_files:05d}.gguf)")
