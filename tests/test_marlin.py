@@ -186,3 +186,9 @@ def test_shape_errors():
         ml.marlin_weights(torch.zeros(8, 64, dtype=torch.uint8), 4)
     with pytest.raises(ValueError):
         ml.weight_perm(3)
+
+
+def test_pack_lsb_on_a_transposed_single_row():
+    """[N, 1] zero points transposed to [1, N] have odd strides; the packed words must not care."""
+    z = torch.arange(16, dtype=torch.uint8).reshape(16, 1) % 16
+    assert ml.pack_lsb(z.t(), 4).tolist() == [[0x76543210, -0x01234568]]
