@@ -85,6 +85,8 @@ def make_checkpoint(folder: Path, scheme: str, arch: str = "LlamaForCausalLM", l
 def logical(algo: str, name: str, t: torch.Tensor, sm: int) -> torch.Tensor:
     """A rank tensor in HF orientation ([N, ...] or [K] for prequant), layout undone."""
     kind = name.rsplit(".", 1)[-1]
+    if ".attention." not in name and ".mlp." not in name:
+        return t
     if kind == "weight" and algo == "W4A16_AWQ" and t.dtype == torch.int8:
         b = t.to(torch.int16) & 0xFF
         codes = torch.stack((b & 0xF, b >> 4), dim=1).reshape(-1, t.shape[1])
@@ -110,7 +112,7 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         assert all(torch.equal(s, shards[0]) for s in shards[1:]), name
         return shards[0]
     if any(f".{r}." in name for r in ROW):
-        if kind == "bias":  # added after the all-reduce: whole on every rank
+        if kind in ("bias", "per_channel_scale"):  # bias is added after the all-reduce; channels are not split
             assert all(torch.equal(s, shards[0]) for s in shards[1:]), name
             return shards[0]
         return torch.cat(shards, dim=-1)

@@ -113,7 +113,11 @@ def open_checkpoint(ckpt: Checkpoint) -> CompressedTensorsCheckpoint:
             hint="Point ct-convert at a checkpoint written by llm-compressor / compressed-tensors.",
         )
     qc_raw, key = located
-    qconfig = cfg.parse(qc_raw, where)
+    try:
+        qconfig = cfg.parse(qc_raw, where)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        # a value of the wrong JSON type deep inside a group: name the file, never crash
+        raise InputError(f"{where}: malformed quantization_config ({type(e).__name__}: {e})") from None
     store = SparseStore(ckpt.store)
     reader = CompressedTensorsCheckpoint(ckpt, qconfig, key, store, _model_dtype(ckpt.config, store))
     _discover(reader)
@@ -172,9 +176,11 @@ def _discover(r: CompressedTensorsCheckpoint) -> None:
         if quantized and group is None:
             group = _pick_class_group(p, classes, inferred)
             if group is None:
+                payload = next(tensors[s] for s in ("weight_packed", "weight") if s in tensors)
                 raise InputError(
-                    f"{p}: carries quantized tensors but no config group's targets match it",
-                    hint="The quantization_config does not describe this checkpoint.",
+                    f"{p}: its tensors ({payload} is {store.meta(payload).dtype}) look {inferred}, "
+                    "which no config group targeting it describes",
+                    hint="The quantization_config does not describe this checkpoint (or the file is corrupt).",
                 )
         if quantized and ignored:
             r.warnings.append(f"{p}: listed in ignore, but its tensors are quantized; reading it as quantized")

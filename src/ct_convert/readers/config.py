@@ -131,8 +131,8 @@ def parse(qc: dict, where: str = "config.json") -> QuantizationConfig:
             hint="ct-convert reads compressed-tensors checkpoints (llm-compressor output) only.",
         )
     groups = []
-    for name, value in (qc.get("config_groups") or {}).items():
-        groups.extend(_parse_group(name, value, where))
+    for name, value in _typed(qc.get("config_groups") or {}, dict, f"{where}: config_groups").items():
+        groups.extend(_parse_group(str(name), value, where))
     fmt = _norm_format(qc.get("format"), f"{where}: format")
     sparsity = _parse_sparsity(qc.get("sparsity_config"), where)
     kv = qc.get("kv_cache_scheme")
@@ -141,14 +141,20 @@ def parse(qc: dict, where: str = "config.json") -> QuantizationConfig:
         version=str(qc["version"]) if qc.get("version") is not None else None,
         format=fmt,
         groups=groups,
-        ignore=[str(i) for i in (qc.get("ignore") or [])],
+        ignore=[str(i) for i in _typed(qc.get("ignore") or [], list, f"{where}: ignore")],
         kv_cache_scheme=parse_args(kv, f"{where}: kv_cache_scheme") if isinstance(kv, dict) else None,
         sparsity=sparsity,
-        transform_config=qc.get("transform_config") or {},
-        moe_sparsity=qc.get("moe_sparsity_config") or None,
+        transform_config=_typed(qc.get("transform_config") or {}, dict, f"{where}: transform_config"),
+        moe_sparsity=_typed(qc.get("moe_sparsity_config") or {}, dict, f"{where}: moe_sparsity_config") or None,
         status=qc.get("quantization_status"),
         raw=qc,
     )
+
+
+def _typed(value, kind: type, where: str):
+    if not isinstance(value, kind):
+        raise InputError(f"{where}: expected a JSON {'object' if kind is dict else 'list'}, got {type(value).__name__}")
+    return value
 
 
 def _parse_group(name: str, value, where: str) -> list[SchemeGroup]:
@@ -159,6 +165,7 @@ def _parse_group(name: str, value, where: str) -> list[SchemeGroup]:
     targets = value.get("targets") or []
     if isinstance(targets, str):
         targets = [targets]
+    _typed(targets, list, f"{where}: {name}.targets")
     return [
         SchemeGroup(
             name=name,
@@ -174,6 +181,8 @@ def _parse_group(name: str, value, where: str) -> list[SchemeGroup]:
 def _preset_group(name: str, targets: list, where: str) -> SchemeGroup:
     from compressed_tensors.quantization.quant_scheme import is_preset_scheme, preset_name_to_scheme
 
+    if not all(isinstance(t, str) for t in targets):
+        raise InputError(f"{where}: config group {name!r}: targets must be strings")
     if not is_preset_scheme(name):
         raise InputError(f"{where}: config group {name!r} lists targets but is not a known preset scheme")
     scheme = preset_name_to_scheme(name, [str(t) for t in targets]).model_dump()
@@ -188,14 +197,19 @@ def _preset_group(name: str, targets: list, where: str) -> SchemeGroup:
 
 
 def _opt_args(value, where: str) -> QuantArgs | None:
-    return parse_args(value, where) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    return parse_args(_typed(value, dict, where), where)
 
 
 def parse_args(d: dict, where: str) -> QuantArgs:
     """One QuantizationArgs dict, defaulting every missing key as 0.20 does."""
     try:
-        num_bits = int(d.get("num_bits", 8))
-    except (TypeError, ValueError):
+        num_bits = d.get("num_bits", 8)
+        if isinstance(num_bits, bool) or float(num_bits) != int(num_bits):
+            raise ValueError
+        num_bits = int(num_bits)
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"{where}: num_bits {d.get('num_bits')!r} is not an integer") from None
     qtype = str(d.get("type", "int")).lower()
     if qtype not in _TYPES:
@@ -205,8 +219,10 @@ def parse_args(d: dict, where: str) -> QuantArgs:
     group_size = d.get("group_size")
     if group_size is not None:
         try:
+            if isinstance(group_size, bool) or float(group_size) != int(group_size):
+                raise ValueError
             group_size = int(group_size)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"{where}: group_size {group_size!r} is not an integer") from None
     strategy = d.get("strategy")
     if strategy is None:
@@ -233,13 +249,11 @@ def parse_args(d: dict, where: str) -> QuantArgs:
 def _block(value, where: str) -> tuple[int, int] | None:
     if value is None:
         return None
-    if isinstance(value, str):  # <=0.10 wrote "128x128"
-        parts = re.split(r"[xX,]", value)
-    else:
-        parts = list(value)
     try:
+        # <=0.10 wrote "128x128"
+        parts = re.split(r"[xX,]", value) if isinstance(value, str) else list(value)
         rows, cols = (int(p) for p in parts)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"{where}: block_structure {value!r} is not [rows, cols]") from None
     if rows <= 0 or cols <= 0:
         raise InputError(f"{where}: block_structure {value!r} must be positive")
@@ -271,13 +285,14 @@ def _norm_format(value, where: str) -> str | None:
 
 
 def _parse_sparsity(sc, where: str) -> SparsityConfig | None:
-    if not isinstance(sc, dict) or not sc:
+    if not sc:
         return None
+    _typed(sc, dict, f"{where}: sparsity_config")
     fmt = _norm_format(sc.get("format", "dense"), f"{where}: sparsity_config.format")
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
     return SparsityConfig(
         format=fmt,
-        targets=tuple(str(t) for t in (sc.get("targets") or [])),
-        ignore=tuple(str(t) for t in (sc.get("ignore") or [])),
+        targets=tuple(str(t) for t in _typed(sc.get("targets") or [], list, f"{where}: sparsity_config.targets")),
+        ignore=tuple(str(t) for t in _typed(sc.get("ignore") or [], list, f"{where}: sparsity_config.ignore")),
         structure=structure,
     )

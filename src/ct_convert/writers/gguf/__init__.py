@@ -210,7 +210,7 @@ def _scan_scales(reader, layout: Layout) -> None:
             qw = reader.read(s)
             why = mapping.data_reason(qw, e.ggml)
             if why is not None:
-                e.reason = f"{s}: {why}"
+                e.reason = f"{s}: {why}" if len(e.parts) > 1 else why
                 e.ggml = "F32" if A.slot(e.name) in A.F32_SLOTS else mapping.dense_type(qw.dtype)
                 break
             if e.ggml == "NVFP4":

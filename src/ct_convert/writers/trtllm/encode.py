@@ -84,7 +84,8 @@ def _quantized(reader, plan: planning.Plan, lp: planning.LinearPlan) -> list[dic
     out = []
     for r in range(plan.tp):
         s = _shard(plan, lp, codes, r)  # int8 [n, k]
-        scale = _shard(plan, lp, scales, r)  # [n, G]
+        per_channel = algo not in planning.GROUPWISE and lp.linear.parallel == planning.ROW
+        scale = scales[0] if per_channel else _shard(plan, lp, scales, r)  # [n, G]: a row split keeps whole channels
         if algo == planning.W4A16_AWQ:
             out.append({"weight": pack_int4_along_rows(s), "weights_scaling_factor": scale,
                         "prequant_scaling_factor": torch.ones(s.shape[1], dtype=dt)})

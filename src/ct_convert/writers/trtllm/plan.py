@@ -16,6 +16,7 @@ from ct_convert.writers.trtllm.names import (
     ARCHITECTURES,
     COLUMN,
     IGNORABLE,
+    ROW,
     Geometry,
     Linear,
     geometry,
