@@ -42,14 +42,14 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
             out = torch.stack((by & 0xF, by >> 4), dim=-1).reshape(*lead, -1)
         else:
             per = 8 // bits
-            shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+            shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
             out = ((by.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*lead, per * by.shape[-1])
         return out[..., :count].contiguous()
     mask = (1 << bits) - 1
     w = _as_u32_int64(words)
     if layout == WORDS:
         pf = 32 // bits
-        shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64)
+        shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64, device=words.device)
         out = (w.unsqueeze(-1) >> shifts) & mask
         return out.reshape(*lead, -1)[..., :count].to(torch.uint8)
     # stream: 32 elements use exactly `bits` words; pad the word axis to a whole number of groups
@@ -59,7 +59,7 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
         w = torch.nn.functional.pad(w, (0, groups * bits - nwords))
     w = w.reshape(*lead, groups, bits)
     w = torch.cat((w, torch.zeros_like(w[..., :1])), dim=-1)  # a spill word for the last element
-    out = torch.empty(*lead, groups, 32, dtype=torch.uint8)
+    out = torch.empty(*lead, groups, 32, dtype=torch.uint8, device=words.device)
     for i in range(32):
         start = i * bits
         word, off = divmod(start, 32)
@@ -70,26 +70,45 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
 
 def pack(codes: torch.Tensor, bits: int, layout: str = STREAM) -> torch.Tensor:
     """uint8 [..., C] unsigned codes -> int32 [..., W] words, LSB first along the last dimension."""
-    codes = codes.to(torch.int64)
     lead = codes.shape[:-1]
     count = codes.shape[-1]
+    if 8 % bits == 0:
+        return _pack_bytes(codes, bits)
+    codes = codes.to(torch.int64)
     if layout == WORDS and 32 % bits != 0:
         pf = 32 // bits
         width = math.ceil(count / pf)
         c = torch.nn.functional.pad(codes, (0, width * pf - count)).reshape(*lead, width, pf)
-        shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64)
+        shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64, device=codes.device)
         words = (c << shifts).sum(dim=-1)
         return _to_int32(words)
     width = math.ceil(count * bits / 32)
+    codes = codes.to(torch.int64, copy=False)
     groups = math.ceil(count / 32)
     c = torch.nn.functional.pad(codes, (0, groups * 32 - count)).reshape(*lead, groups, 32)
-    words = torch.zeros(*lead, groups, bits + 1, dtype=torch.int64)
+    words = torch.zeros(*lead, groups, bits + 1, dtype=torch.int64, device=codes.device)
     for i in range(32):
         word, off = divmod(i * bits, 32)
         v = c[..., i] << off
         words[..., word] |= v & 0xFFFFFFFF
         words[..., word + 1] |= v >> 32
     return _to_int32(words[..., :bits].reshape(*lead, groups * bits)[..., :width])
+
+
+def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """1/2/4/8-bit codes never straddle a byte: pack bytes, then read every 4 bytes as one word."""
+    per = 8 // bits
+    count = codes.shape[-1]
+    width = math.ceil(count * bits / 32)
+    v = codes.to(torch.uint8)
+    if width * 4 * per != count:
+        v = torch.nn.functional.pad(v, (0, width * 4 * per - count))
+    # a fresh tensor has the strides `view(torch.int32)` needs, even for size-1 dimensions
+    packed = torch.empty(*v.shape[:-1], width * 4, dtype=torch.uint8, device=v.device)
+    packed.copy_(v[..., 0::per])
+    for i in range(1, per):
+        packed |= v[..., i::per] << (bits * i)
+    return packed.view(torch.int32)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ FP4_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=t
 def fp4_to_float(codes: torch.Tensor) -> torch.Tensor:
     """uint8 E2M1 codes (0..15) -> float32 values."""
     c = codes.to(torch.int64)
-    mag = FP4_E2M1_VALUES[c & 7]
+    mag = FP4_E2M1_VALUES.to(codes.device)[c & 7]
     return torch.where((c & 8) != 0, -mag, mag)
 
 
@@ -26,7 +26,8 @@ def fp6_e2m3_to_float(codes: torch.Tensor) -> torch.Tensor:
 
 def e8m0_to_float(exponents: torch.Tensor) -> torch.Tensor:
     """uint8 biased exponents -> float32 powers of two 2^(e-127) (e=0 gives 2^-127, a float32 subnormal)."""
-    return torch.ldexp(torch.ones(exponents.shape, dtype=torch.float32), exponents.to(torch.int32) - 127)
+    ones = torch.ones(exponents.shape, dtype=torch.float32, device=exponents.device)
+    return torch.ldexp(ones, exponents.to(torch.int32) - 127)
 
 
 def split_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -64,13 +64,7 @@ def pack_lsb(values: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     if (values.shape[-1] * bits) % 32:
         raise ValueError(f"{values.shape[-1]} {bits}-bit values do not fill whole 32-bit words")
-    v = values.to(torch.uint8)
-    # a fresh tensor has the standard strides `view(torch.int32)` needs, even for size-1 dimensions
-    packed = torch.empty(*v.shape[:-1], v.shape[-1] // per, dtype=torch.uint8, device=v.device)
-    packed.copy_(v[..., 0::per])
-    for i in range(1, per):
-        packed |= v[..., i::per] << (bits * i)
-    return packed.view(torch.int32)
+    return bitpack.pack(values, bits)
 
 
 def marlin_weights(codes: torch.Tensor, bits: int, perm: torch.Tensor | None = None) -> torch.Tensor:

@@ -165,13 +165,35 @@ class QuantizedWeight:
         K = self.in_features
         if self.g_idx is not None:
             return self.g_idx.to(torch.int64)
-        return torch.arange(K, dtype=torch.int64) // self.effective_group_size
+        return torch.arange(K, dtype=torch.int64, device=self.device) // self.effective_group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device if self.scale is not None else torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "QuantizedWeight":
+        """The same module with every tensor on `device` (codes stay lazy: moved when first used)."""
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        codes, dense = self._codes, self._dense
+        return QuantizedWeight(
+            info=self.info,
+            scale=move(self.scale),
+            zero_point=move(self.zero_point),
+            g_idx=move(self.g_idx),
+            global_scale=move(self.global_scale),
+            extras={k: move(v) for k, v in self.extras.items()},
+            _codes=(lambda: move(self.codes)) if codes is not None else None,
+            _dense=(lambda: move(self.dense)) if dense is not None else None,
+        )
 
     def has_trivial_g_idx(self) -> bool:
         """True when g_idx is absent or equals k // group_size (no act-order permutation)."""
         if self.g_idx is None:
             return True
-        expect = torch.arange(self.in_features, dtype=torch.int64) // self.effective_group_size
+        expect = torch.arange(self.in_features, dtype=torch.int64, device=self.g_idx.device) // self.effective_group_size
         return bool(torch.equal(self.g_idx.to(torch.int64), expect))
 
     def code_values(self) -> torch.Tensor:
@@ -243,7 +265,7 @@ class QuantizedWeight:
             return per_group.reshape(*shape[:-1], -1).index_select(-1, cols)
         if strat == "block":
             bh, bw = self.scheme.block_structure
-            rows = torch.arange(shape[-2]) // bh
-            cols = torch.arange(shape[-1]) // bw
+            rows = torch.arange(shape[-2], device=per_group.device) // bh
+            cols = torch.arange(shape[-1], device=per_group.device) // bw
             return per_group.index_select(-2, rows).index_select(-1, cols)
         raise ValueError(f"{self.name}: cannot dequantize strategy {strat!r}")

@@ -151,6 +151,8 @@ class HFWriter:
                 t = reader.get(it.tensor)
                 return {it.tensor: exact_cast(t, it.specs[0].dtype, f"tensor {it.tensor}") if t.dtype != it.specs[0].dtype else t}
             qw = reader.read(it.module)
+            if opts.device != "cpu":
+                qw = qw.to(opts.device)
             if it.fallback:
                 produced = {"weight": qw.dequantize(it.specs[0].dtype)}
             else:

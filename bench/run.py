@@ -1,0 +1,124 @@
+"""Benchmark ct-convert against `cp -r` and compressed-tensors' own decompression.
+
+    python bench/run.py --layers 16            # ~4 GB synthetic Llama-3-8B-shaped W4A16 checkpoint
+
+Reports, per target: wall time, input GB/s, the ratio to `cp -r` of the same checkpoint, and the
+peak RSS of the process; for the dense target the same for the library's own dequantizer
+(`compressed_tensors.entrypoints.convert.convert_checkpoint` with `CompressedTensorsDequantizer`),
+and the time of writing the dense bytes alone. Run on a warm page cache: each input is read once first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synth import LLAMA3_8B, build  # noqa: E402
+
+MEASURE = """
+import resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:]).returncode
+dt = time.perf_counter() - t
+print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, rc)
+"""
+
+LIBRARY_DEQUANT = """
+import sys
+from compressed_tensors.entrypoints.convert import convert_checkpoint
+from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer
+convert_checkpoint(sys.argv[1], sys.argv[2], CompressedTensorsDequantizer(sys.argv[1]))
+"""
+
+WRITE_BYTES = """
+import os, sys
+n, path = int(sys.argv[1]), sys.argv[2]
+chunk = os.urandom(1 << 24)
+with open(path, "wb") as f:
+    left = n
+    while left > 0:
+        f.write(chunk[: min(left, len(chunk))])
+        left -= len(chunk)
+"""
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+    seconds, rss, rc = out.stdout.split()[-3:]
+    if rc != "0":
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{out.stderr}")
+    return float(seconds), int(rss)
+
+
+def warm(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    total += len(chunk)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out")
+    ap.add_argument("--targets", default="dense,awq,gptq,marlin")
+    ap.add_argument("--verify", action="store_true", help="also time the default repack with verification")
+    ap.add_argument("--skip-library", action="store_true")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    args = ap.parse_args()
+
+    work = args.work
+    src = work / f"src-{args.layers}"
+    if not (src / "config.json").exists():
+        print(f"building a {args.layers}-layer Llama-3-8B-shaped W4A16 checkpoint in {src} ...", flush=True)
+        build(src, **dict(LLAMA3_8B, layers=args.layers))
+    size = warm(src)
+    ct = [str(Path(sys.executable).parent / "ct-convert")]
+    rows = []
+
+    def run(label: str, cmd: list[str], out: Path | None, dense_bytes: int | None = None):
+        if out is not None and out.exists():
+            shutil.rmtree(out)
+        seconds, rss = measure(cmd)
+        rows.append({"run": label, "seconds": round(seconds, 2), "input_GB_per_s": round(size / seconds / 1e9, 2),
+                     "ratio_to_cp": round(seconds / cp_seconds, 2), "peak_rss_MB": round(rss / 1e6), "dense_bytes": dense_bytes})
+        print(json.dumps(rows[-1]), flush=True)
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+
+    cp_out = work / "cp"
+    shutil.rmtree(cp_out, ignore_errors=True)
+    cp_seconds, cp_rss = measure(["cp", "-r", str(src), str(cp_out)])
+    shutil.rmtree(cp_out)
+    print(json.dumps({"checkpoint_GB": round(size / 1e9, 3), "cp_seconds": round(cp_seconds, 2), "cores": os.cpu_count()}), flush=True)
+    for target in args.targets.split(","):
+        out = work / f"out-{target}"
+        run(f"ct-convert {target} --no-verify", [*ct, "repack", str(src), str(out), "--target", target, "--no-verify", "-q"], out)
+        if args.verify:
+            run(f"ct-convert {target} (verified)", [*ct, "repack", str(src), str(out), "--target", target, "-q"], out)
+    dense_out = work / "dense-size"
+    subprocess.run([*ct, "repack", str(src), str(dense_out), "--target", "dense", "--no-verify", "-q"], check=True)
+    dense_bytes = sum(p.stat().st_size for p in dense_out.glob("*.safetensors"))
+    shutil.rmtree(dense_out)
+    blob = work / "dense.bin"
+    run("write the dense bytes (baseline)", [sys.executable, "-c", WRITE_BYTES, str(dense_bytes), str(blob)], None, dense_bytes)
+    blob.unlink(missing_ok=True)
+    if not args.skip_library:
+        lib_out = work / "out-library"
+        run("compressed-tensors dequantizer", [sys.executable, "-c", LIBRARY_DEQUANT, str(src), str(lib_out)], lib_out)
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoint_bytes": size, "cp_seconds": cp_seconds, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
