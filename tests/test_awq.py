@@ -87,3 +87,16 @@ def test_non_identity_g_idx_is_refused_at_data_level():
         writer_for("awq").convert(qw, RepackOptions("awq"))
     qw.g_idx = (torch.arange(256) // 128).to(torch.int32)
     writer_for("awq").convert(qw, RepackOptions("awq"))
+
+
+@pytest.mark.parametrize("n,k", [(8, 8), (64, 128), (136, 256), (1024, 64)])
+def test_nibble_transpose_of_library_packed_words_equals_the_unpacked_path(n, k):
+    """The bit-parallel path (no unpacking) against the byte path tested above on AutoAWQ's order."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from ct_convert.writers.awq import pack_awq, transpose_awq
+
+    q = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int8)
+    words = pack_to_int32(q, 4)
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    assert torch.equal(transpose_awq(words), pack_awq(u.t()))

@@ -86,3 +86,12 @@ def test_format_names_are_checked():
     assert cfg.parse(qc(format="pack_quantized")).format == "pack-quantized"
     with pytest.raises(InputError, match="unknown compression format"):
         cfg.parse(qc(format="zip-quantized"))
+
+
+def test_value_sets_match_the_installed_library_enums():
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+
+    assert cfg.STRATEGIES == {s.value for s in QuantizationStrategy}
+    assert cfg.TYPES == {t.value for t in QuantizationType}
+    assert cfg.FORMATS == {f.value for f in CompressionFormat}

@@ -81,7 +81,7 @@ def pack(codes: torch.Tensor, bits: int, layout: str = STREAM) -> torch.Tensor:
         c = torch.nn.functional.pad(codes, (0, width * pf - count)).reshape(*lead, width, pf)
         shifts = torch.arange(0, pf * bits, bits, dtype=torch.int64, device=codes.device)
         words = (c << shifts).sum(dim=-1)
-        return _to_int32(words)
+        return to_int32(words)
     width = math.ceil(count * bits / 32)
     codes = codes.to(torch.int64, copy=False)
     groups = math.ceil(count / 32)
@@ -92,7 +92,7 @@ def pack(codes: torch.Tensor, bits: int, layout: str = STREAM) -> torch.Tensor:
         v = c[..., i] << off
         words[..., word] |= v & 0xFFFFFFFF
         words[..., word + 1] |= v >> 32
-    return _to_int32(words[..., :bits].reshape(*lead, groups * bits)[..., :width])
+    return to_int32(words[..., :bits].reshape(*lead, groups * bits)[..., :width])
 
 
 def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
+def to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
     w = words & 0xFFFFFFFF
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()

@@ -113,6 +113,7 @@ class QuantizedWeight:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # input_scale, ... (suffix -> tensor)
     _codes: Callable[[], torch.Tensor] | torch.Tensor | None = None
     _dense: Callable[[], torch.Tensor] | torch.Tensor | None = None
+    _packed: Callable[[], torch.Tensor] | None = None
 
     name = property(lambda self: self.info.name)
     format = property(lambda self: self.info.format)
@@ -134,6 +135,13 @@ class QuantizedWeight:
         if self._codes is None:
             raise ValueError(f"{self.name}: a {self.encoding.value} weight has no codes")
         return self._codes
+
+    @property
+    def packed_stream(self) -> torch.Tensor | None:
+        """int32 [..., N, ceil(K*b/32)]: the unsigned codes u = q + 2^(b-1) of each row as a dense
+        LSB-first bit stream along K, when the source stores exactly that (compressed-tensors
+        pack-quantized); writers use it to move packed words without unpacking. None otherwise."""
+        return self._packed() if self._packed is not None else None
 
     @property
     def dense(self) -> torch.Tensor:
@@ -187,6 +195,7 @@ class QuantizedWeight:
             extras={k: move(v) for k, v in self.extras.items()},
             _codes=(lambda: move(self.codes)) if codes is not None else None,
             _dense=(lambda: move(self.dense)) if dense is not None else None,
+            _packed=(lambda: move(self.packed_stream)) if self._packed is not None else None,
         )
 
     def has_trivial_g_idx(self) -> bool:
@@ -196,15 +205,15 @@ class QuantizedWeight:
         expect = torch.arange(self.in_features, dtype=torch.int64, device=self.g_idx.device) // self.effective_group_size
         return bool(torch.equal(self.g_idx.to(torch.int64), expect))
 
-    def code_values(self) -> torch.Tensor:
-        """float32 values of the codes, before scaling (int codes, or the float element values)."""
+    def code_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Values of the codes before scaling (int codes, or the float element values), exact in `dtype`."""
         e = self.encoding
         if e is Encoding.INT or e is Encoding.FP8:
-            return self.codes.to(torch.float32)
+            return self.codes.to(dtype)
         if e is Encoding.FP4:
-            return floatcodes.fp4_to_float(self.codes)
+            return floatcodes.fp4_to_float(self.codes).to(dtype)
         if e is Encoding.FP6:
-            return floatcodes.fp6_e2m3_to_float(self.codes)
+            return floatcodes.fp6_e2m3_to_float(self.codes).to(dtype)
         raise ValueError(f"{self.name}: a dense weight has no codes")
 
     # -- dequantization ------------------------------------------------------------------------
@@ -218,9 +227,14 @@ class QuantizedWeight:
         out_dtype = dtype or self.dtype
         if self.encoding is Encoding.DENSE:
             return self.dense.to(out_dtype)
-        values = self.code_values()
-        scale = self._effective_scale().to(torch.float32)
-        zp = self.zero_point.to(torch.float32) if self.zero_point is not None else None
+        # (q - zp) is an integer of at most 9 bits and FP8/FP4/FP6 values carry at most 4 significant
+        # bits, so both are exact in bf16/fp16, and a product rounded once is the float32 product
+        # rounded once: when the output dtype is the scale's own, half-width arithmetic is exact.
+        scale = self._effective_scale()
+        work = scale.dtype if scale.dtype == out_dtype and out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        values = self.code_values(work)
+        scale = scale.to(work)
+        zp = self.zero_point.to(work) if self.zero_point is not None else None
         if self._groups_are_contiguous():
             # [.., N, G, gs] views broadcast the per-group values without gathering them per column
             *lead, n, k = self.shape

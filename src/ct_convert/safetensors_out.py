@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import torch
 
 from ct_convert.errors import OutputError
 from ct_convert.tensorstore import DTYPE_NAMES
+
+
+MAX_PENDING = 3
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,11 @@ class SafetensorsFileWriter:
             self._f = open(path, "wb")
         except OSError as e:
             raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
-        self._write(len(raw).to_bytes(8, "little") + raw)
+        # writing and hashing release the GIL: a background thread does both while the caller
+        # computes the next tensors; at most MAX_PENDING buffers wait, so memory stays bounded
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-write")
+        self._pending: deque[Future] = deque()
+        self._submit(len(raw).to_bytes(8, "little") + raw)
 
     def _write(self, data) -> None:
         try:
@@ -81,6 +90,15 @@ class SafetensorsFileWriter:
             raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
         self._sha.update(data)
         self.size += len(data)
+
+    def _submit(self, data) -> None:
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._io.submit(self._write, data))
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[self._next]
@@ -91,16 +109,22 @@ class SafetensorsFileWriter:
             )
         self._next += 1
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._write(memoryview(data))
+        self._submit(memoryview(data))
 
     def close(self) -> str:
         if self._next != len(self.specs):
             raise RuntimeError(f"internal error: {self.path.name} got {self._next} of {len(self.specs)} planned tensors")
         try:
+            self._drain()
             self._f.close()
         except OSError as e:
             raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+        finally:
+            self._io.shutdown()
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._io.shutdown(wait=True)
         self._f.close()

@@ -10,16 +10,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from compressed_tensors.config import CompressionFormat
-from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
-
 from ct_convert.errors import InputError
 from ct_convert.qweight import WeightScheme
 
 QUANT_METHODS = {"compressed-tensors", "sparseml"}
-_STRATEGIES = {s.value for s in QuantizationStrategy}
-_TYPES = {t.value for t in QuantizationType}
-FORMATS = {f.value for f in CompressionFormat}
+# The values of compressed-tensors' QuantizationStrategy, QuantizationType and CompressionFormat
+# enums (test_config checks they still match the installed library). Importing the library pulls in
+# transformers and costs ~2 s of start-up, so it is only imported to expand preset names.
+STRATEGIES = {"tensor", "channel", "group", "block", "token", "tensor_group", "attn_head"}
+TYPES = {"int", "float"}
+FORMATS = {
+    "dense", "sparse-bitmask", "sparse-24-bitmask", "int-quantized", "float-quantized", "naive-quantized",
+    "pack-quantized", "marlin-24", "mixed-precision", "nvfp4-pack-quantized", "mxfp4-pack-quantized",
+    "mxfp6-pack-quantized", "mxfp8-quantized",
+}
 NO_STORAGE_FORMATS = {None, "mixed-precision", "dense", "fakequant"}
 
 
@@ -212,7 +216,7 @@ def parse_args(d: dict, where: str) -> QuantArgs:
     except (TypeError, ValueError, OverflowError):
         raise InputError(f"{where}: num_bits {d.get('num_bits')!r} is not an integer") from None
     qtype = str(d.get("type", "int")).lower()
-    if qtype not in _TYPES:
+    if qtype not in TYPES:
         raise InputError(f"{where}: unknown quantization type {d.get('type')!r}")
     if not (1 <= num_bits <= 8 or (qtype == "float" and num_bits == 16)):
         raise InputError(f"{where}: num_bits {num_bits} is out of range 1..8")
@@ -228,7 +232,7 @@ def parse_args(d: dict, where: str) -> QuantArgs:
     if strategy is None:
         strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
     strategy = str(strategy).lower()
-    if strategy not in _STRATEGIES:
+    if strategy not in STRATEGIES:
         raise InputError(f"{where}: unknown strategy {d.get('strategy')!r}")
     if strategy in ("group", "tensor_group") and (group_size is None or group_size <= 0):
         raise InputError(f"{where}: strategy {strategy} needs a positive group_size, got {group_size!r}")

@@ -3,10 +3,13 @@ transformers load: int4 codes packed along N in the AWQ nibble order, unsigned z
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ct_convert.errors import UnsupportedConversion
-from ct_convert.marlin_layout import INTERLEAVE, pack_lsb
+from ct_convert import bitpack
+from ct_convert.marlin_layout import INTERLEAVE
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.writers.base import RepackOptions, WriteReport, register
@@ -16,10 +19,43 @@ AWQ_ORDER = INTERLEAVE[4]  # nibble i of a word holds column 8c + AWQ_ORDER[i]
 
 
 def pack_awq(u: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [R, N] -> int32 [R, N/8], packed along N in AutoAWQ's nibble order."""
+    """uint8 codes [R, N] (any strides) -> int32 [R, N/8], packed along N in AutoAWQ's nibble order.
+
+    AWQ_ORDER puts the even columns of each group of 8 in nibbles 0-3 and the odd ones in 4-7. With
+    the 8 codes of a group read as one little-endian int64 (one code per byte), both halves are
+    gathered by shifts and masks on whole words instead of a per-byte shuffle.
+    """
+    assert tuple(AWQ_ORDER) == (0, 2, 4, 6, 1, 3, 5, 7) and sys.byteorder == "little"
     r, n = u.shape
-    order = torch.tensor(AWQ_ORDER, dtype=torch.int64, device=u.device)
-    return pack_lsb(u.reshape(r, n // 8, 8).index_select(2, order).reshape(r, n), 4)
+    x = u.contiguous().reshape(-1).view(torch.int64).reshape(r, n // 8)
+
+    def four_nibbles(fields):  # 4-bit fields at bits 0, 16, 32, 48 -> bits 0, 4, 8, 12
+        fields = (fields | (fields >> 12)) & 0x000000FF000000FF
+        return (fields | (fields >> 24)) & 0xFFFF
+
+    even = four_nibbles(x & 0x000F000F000F000F)
+    odd = four_nibbles((x >> 8) & 0x000F000F000F000F)
+    return bitpack.to_int32(even | (odd << 16))
+
+
+def transpose_awq(words: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors 4-bit words [N, K/8] (packed along K) -> AWQ qweight [K, N/8] (along N).
+
+    Each 8 rows x 1 word block is an 8x8 nibble matrix; three rounds of masked delta swaps transpose
+    it inside the words, with the rows taken in AWQ_ORDER so the interleave comes for free. The codes
+    are never unpacked: both layouts hold the same unsigned nibbles.
+    """
+    n, kw = words.shape
+    blocks = words.view(n // 8, 8, kw)
+    rows = [blocks[:, o, :] for o in AWQ_ORDER]
+    for s, shift, mask in ((4, 16, 0x0000FFFF), (2, 8, 0x00FF00FF), (1, 4, 0x0F0F0F0F)):
+        for r in range(8):
+            if r & s:
+                continue
+            t = ((rows[r] >> shift) ^ rows[r + s]) & mask  # arithmetic-shift sign bits fall outside the mask
+            rows[r + s] = rows[r + s] ^ t
+            rows[r] = rows[r] ^ (t << shift)
+    return torch.stack(rows, dim=1).permute(2, 1, 0).reshape(kw * 8, n // 8)
 
 
 @register
@@ -68,8 +104,11 @@ class AWQWriter(IntWeightWriter):
 
     def convert(self, qw: QuantizedWeight, opts: RepackOptions) -> dict[str, torch.Tensor]:
         require_plain_g_idx(qw, self.label)
+        packed = qw.packed_stream
+        n, k = qw.shape
+        qweight = transpose_awq(packed) if packed is not None and k % 8 == 0 else pack_awq(unsigned_codes(qw).t())
         return {
-            "qweight": pack_awq(unsigned_codes(qw).t()),
+            "qweight": qweight,
             "qzeros": pack_awq(unsigned_zeros(qw)),
             "scales": fp16_scales(qw, self.label),
         }

@@ -6,7 +6,6 @@ integer codes only, fp16 scales [G, N], one bit width and group size per checkpo
 
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
@@ -25,7 +24,6 @@ class IntWeightWriter(HFWriter):
 
     bits: tuple[int, ...] = ()
     label = ""
-    source = None  # the checkpoint being written, bound per `write` (see there)
 
     def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
         if info.encoding is Encoding.DENSE:
@@ -64,12 +62,6 @@ class IntWeightWriter(HFWriter):
                     f"{na} ({a}) and {nb} ({b}): a {self.label} config holds one of each, this checkpoint mixes {what}",
                     hint="Convert to --target dense, or keep the checkpoint in compressed-tensors.",
                 )
-
-    def write(self, reader, out, opts: RepackOptions, progress) -> WriteReport:
-        # `convert` only receives the decoded module; a per-run copy lets it reach raw source tensors
-        bound = copy.copy(self)
-        bound.source = reader
-        return HFWriter.write(bound, reader, out, opts, progress)
 
     def unconverted(self, reader, report: WriteReport) -> list[str]:
         """Modules not held quantized: left unquantized by the source, plus dense fallbacks."""
@@ -183,11 +175,10 @@ class GPTQWriter(IntWeightWriter):
     def _qweight(self, qw: QuantizedWeight) -> torch.Tensor:
         """[K*b/32, N]: a column-wise bit stream along K, i.e. `weight_packed` transposed when that is
         a dense stream with no padding bits (targets.md §0.2), else packed from the codes."""
-        info = qw.info
-        b = info.scheme.num_bits
-        dense_stream = info.layout == bitpack.STREAM or 32 % b == 0
-        if self.source is not None and info.format == "pack-quantized" and dense_stream:
-            return self.source.get(info.tensors["weight_packed"]).t().contiguous()
+        b = qw.scheme.num_bits
+        packed = qw.packed_stream
+        if packed is not None:
+            return packed.t().contiguous()
         return pack_along_last(unsigned_codes(qw), b).t().contiguous()
 
     def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict:

@@ -84,7 +84,8 @@ class PackedDecoder:
 
         def codes() -> torch.Tensor:
             u = bitpack.unpack(mt.get("weight_packed"), b, k, info.layout)
-            return (u.to(torch.int16) - offset).to(torch.int8)
+            # u - 2^(b-1) wraps modulo 256 and reads back as the signed code: one pass, no widening
+            return u.sub_(offset).view(torch.int8)
 
         zp = None
         if not info.scheme.symmetric:
@@ -102,12 +103,14 @@ class PackedDecoder:
             groups = mt.meta("weight_scale").shape[-1]
             if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
                 raise InputError(f"tensor {mt.tensors['weight_g_idx']}: group index outside [0, {groups})")
+        stream = info.layout == bitpack.STREAM or 32 % b == 0
         return QuantizedWeight(
             info=info,
             scale=load_scale(mt),
             zero_point=zp,
             g_idx=g_idx,
             _codes=codes,
+            _packed=(lambda: mt.get("weight_packed")) if stream else None,
         )
 
 
