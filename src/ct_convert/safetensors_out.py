@@ -77,10 +77,11 @@ class SafetensorsFileWriter:
             self._f = open(path, "wb")
         except OSError as e:
             raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
-        # writing and hashing release the GIL: a background thread does both while the caller
-        # computes the next tensors; at most MAX_PENDING buffers wait, so memory stays bounded
+        # writing and hashing release the GIL: two background threads do them side by side while
+        # the caller computes the next tensors; at most MAX_PENDING buffers wait, bounding memory
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-write")
-        self._pending: deque[Future] = deque()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-hash")
+        self._pending: deque[tuple[Future, Future]] = deque()
         self._submit(len(raw).to_bytes(8, "little") + raw)
 
     def _write(self, data) -> None:
@@ -88,17 +89,18 @@ class SafetensorsFileWriter:
             self._f.write(data)
         except OSError as e:
             raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
-        self._sha.update(data)
-        self.size += len(data)
 
     def _submit(self, data) -> None:
         while len(self._pending) >= MAX_PENDING:
-            self._pending.popleft().result()
-        self._pending.append(self._io.submit(self._write, data))
+            for f in self._pending.popleft():
+                f.result()
+        self.size += len(data)
+        self._pending.append((self._io.submit(self._write, data), self._hasher.submit(self._sha.update, data)))
 
     def _drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            for f in self._pending.popleft():
+                f.result()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[self._next]
@@ -121,10 +123,13 @@ class SafetensorsFileWriter:
             raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
         finally:
             self._io.shutdown()
+            self._hasher.shutdown()
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        for f in self._pending:
-            f.cancel()
+        for pair in self._pending:
+            for f in pair:
+                f.cancel()
         self._io.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
         self._f.close()

@@ -2,7 +2,10 @@
 
 Headers are parsed and checked here before safetensors ever maps a file, so that a hostile or
 truncated file fails with a message naming the file and the tensor instead of a low-level error.
-Data is read lazily through `safe_open` (mmap): reading one module touches only its tensors.
+Data is read lazily, one tensor at a time, with positioned reads into a fresh buffer rather than
+through a memory map: a mapping keeps every page it touched resident (and counted against the
+process), so converting a 1 TB checkpoint through mmap would look like 1 TB of RSS; reads leave those
+pages to the kernel's page cache. Reading one module touches only its tensors.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ct_convert.errors import InputError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
@@ -48,6 +49,7 @@ class TensorMeta:
     dtype: str  # safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
     offsets: tuple[int, int]
+    data_start: int = 0  # where the file's data section begins (8 + header length)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -90,7 +92,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
         raise InputError(f"{path}: __metadata__ is not a JSON object")
     tensors: dict[str, TensorMeta] = {}
     for name, entry in header.items():
-        tensors[name] = _check_entry(path, name, entry, data_len)
+        tensors[name] = _check_entry(path, name, entry, data_len, 8 + n)
     # safetensors requires the tensors to tile the data section exactly, in offset order
     end = 0
     for (start, stop), name in sorted((m.offsets, name) for name, m in tensors.items()):
@@ -104,7 +106,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
     return tensors, metadata
 
 
-def _check_entry(path: Path, name: str, entry, data_len: int) -> TensorMeta:
+def _check_entry(path: Path, name: str, entry, data_len: int, data_start: int) -> TensorMeta:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: header entry is not an object")
@@ -129,13 +131,14 @@ def _check_entry(path: Path, name: str, entry, data_len: int) -> TensorMeta:
         raise InputError(
             f"{where}: {offs[1] - offs[0]} bytes stored but dtype {dtype} with shape {shape} needs {expected}"
         )
-    return TensorMeta(path, dtype, tuple(shape), (offs[0], offs[1]))
+    return TensorMeta(path, dtype, tuple(shape), (offs[0], offs[1]), data_start)
 
 
 class TensorStore:
     """Every tensor of a checkpoint, by name, across shards; reads are lazy and mmap-backed."""
 
     def __init__(self, root: Path, files: list[Path], weight_map: dict[str, Path] | None = None):
+        self._handles: dict[Path, int] = {}  # open file descriptors, one per shard
         self.root = root
         self.files = files
         self.metadata: dict[Path, dict] = {}
@@ -157,7 +160,6 @@ class TensorStore:
                     raise InputError(f"{file}: missing tensor {name!r} that the index lists")
                 if meta.file != file:
                     raise InputError(f"tensor {name!r}: the index says {file.name} but it is in {meta.file.name}")
-        self._handles: dict[Path, object] = {}
 
     @property
     def names(self) -> list[str]:
@@ -174,21 +176,37 @@ class TensorStore:
 
     def get(self, name: str) -> torch.Tensor:
         meta = self.meta(name)
-        handle = self._handles.get(meta.file)
+        fd = self._handles.get(meta.file)
         try:
-            if handle is None:
-                handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt")
-            return handle.get_tensor(name)
-        except InputError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise InputError(f"{meta.file}: cannot read tensor {name!r}: {e}") from None
+            if fd is None:
+                fd = self._handles[meta.file] = os.open(meta.file, os.O_RDONLY)
+            return read_tensor(fd, meta)
+        except OSError as e:
+            raise InputError(f"{meta.file}: cannot read tensor {name!r}: {e.strerror or e}") from None
 
     def total_bytes(self) -> int:
         return sum(m.nbytes for m in self._meta.values())
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
+
+    def __del__(self):
+        self.close()
+
+
+def read_tensor(fd: int, meta: TensorMeta) -> torch.Tensor:
+    """Read one tensor's bytes at its offset into a new buffer and view them with its dtype and shape."""
+    buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    pos, start = 0, meta.data_start + meta.offsets[0]
+    while pos < meta.nbytes:
+        got = os.preadv(fd, [view[pos:]], start + pos)
+        if got == 0:
+            raise InputError(f"{meta.file}: truncated while reading (the file shrank after it was opened)")
+        pos += got
+    return buf.view(DTYPES[meta.dtype][0]).reshape(meta.shape)
 
 
 def inside(root: Path, candidate: Path) -> bool:

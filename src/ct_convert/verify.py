@@ -51,6 +51,8 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
 def _diff(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float | None) -> ModuleResult:
     if tuple(ref.shape) != tuple(got.shape):
         return ModuleResult(name, float("inf"), float("inf"), False, False, f"shape {list(got.shape)} != {list(ref.shape)}")
+    if ref.dtype == got.dtype and torch.equal(ref, got):  # the common case, at memory speed
+        return ModuleResult(name, 0.0, 0.0, True, True)
     if not ref.is_floating_point():
         exact = bool(torch.equal(ref, got))
         return ModuleResult(name, 0.0 if exact else float("inf"), 0.0 if exact else float("inf"), exact, exact)

@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import HFOutputReader, quant_method, register
+from ct_convert.readers.targets.base import HFOutputReader, dequantize_groups, nibbles, quant_method, register
 
 # column 8c + j of a word sits in nibble AWQ_REVERSE_ORDER[j]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
-    """int32 [R, W] -> int64 [R, 8W] codes in column order."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    nibbles = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF  # [R, W, 8], nibble order
-    return nibbles[..., list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], -1)
+    """int32 [R, W] -> uint8 [R, 8W] codes in column order."""
+    nib = nibbles(words)  # [R, W, 8] in nibble order
+    order = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int64)
+    return nib.index_select(2, order).reshape(words.shape[0], -1)
 
 
 class AWQOutput(HFOutputReader):
@@ -32,15 +32,13 @@ class AWQOutput(HFOutputReader):
             raise InputError(f"{self.folder}: only 4-bit AWQ GEMM checkpoints can be read back")
         u = unpack_awq(self.store.get(f"{module}.qweight"))  # [K, N]
         z = unpack_awq(self.store.get(f"{module}.qzeros"))  # [G, N]
-        s = self.store.get(f"{module}.scales").to(torch.float32)  # [G, N]
+        s = self.store.get(f"{module}.scales")  # [G, N]
         k = u.shape[0]
         gs = int(qc.get("group_size", qc.get("q_group_size")))
         gs = k if gs == -1 else gs
         if s.shape[0] * gs != k or z.shape != s.shape:
             raise InputError(f"{module}: scales {list(s.shape)} / qzeros do not fit K={k} with group size {gs}")
-        rows = torch.arange(k) // gs
-        w = (u - z.index_select(0, rows)).to(torch.float32) * s.index_select(0, rows)
-        return w.t().contiguous()
+        return dequantize_groups(u, z.to(torch.int16), s)
 
 
 @register("awq")

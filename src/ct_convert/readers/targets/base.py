@@ -59,6 +59,32 @@ def open_store(folder: Path) -> TensorStore:
     return TensorStore(folder, sorted(folder.glob("*.safetensors")))
 
 
+def dequantize_groups(codes_kn: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """w[n, k] = (u[k, n] - z[g(k), n]) * s[g(k), n] as exact float32 [N, K].
+
+    `codes_kn` [K, N] unsigned, `zeros`/`scales` [G, N]; g(k) = rows[k], or k // (K / G) when rows is
+    None. Contiguous groups broadcast per group instead of gathering a [K, N] copy of z and s.
+    """
+    k, n = codes_kn.shape
+    g = scales.shape[0]
+    z = zeros.to(torch.float32)
+    s = scales.to(torch.float32)
+    if rows is None:
+        v = codes_kn.reshape(g, k // g, n).to(torch.float32)
+        v.sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1))
+        v = v.reshape(k, n)
+    else:
+        v = codes_kn.to(torch.float32)
+        v.sub_(z.index_select(0, rows)).mul_(s.index_select(0, rows))
+    return v.t().contiguous()
+
+
+def nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 [R, W] -> uint8 [R, W, 8]: the 8 nibbles of each word, least significant first."""
+    b = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)
+    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*words.shape, 8)
+
+
 class HFOutputReader:
     """A folder of safetensors shards; modules written dense (fallbacks) are read as `.weight`."""
 

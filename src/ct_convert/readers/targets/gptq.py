@@ -9,7 +9,7 @@ import torch
 
 from ct_convert import bitpack
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import HFOutputReader, quant_method, register
+from ct_convert.readers.targets.base import HFOutputReader, dequantize_groups, quant_method, register
 
 
 class GPTQOutput(HFOutputReader):
@@ -24,18 +24,19 @@ class GPTQOutput(HFOutputReader):
         if fmt not in ("gptq", "gptq_v2"):
             raise InputError(f"{self.folder}: GPTQ checkpoint_format {fmt!r} cannot be read back")
         qweight = self.store.get(f"{module}.qweight")  # [K*b/32, N]
-        scales = self.store.get(f"{module}.scales").to(torch.float32)  # [G, N]
+        scales = self.store.get(f"{module}.scales")  # [G, N]
         g_idx = self.store.get(f"{module}.g_idx").to(torch.int64)  # [K]
         k, n = g_idx.numel(), qweight.shape[1]
-        u = bitpack.unpack(qweight.t().contiguous(), b, k, bitpack.STREAM).to(torch.int64)  # [N, K]
-        z = bitpack.unpack(self.store.get(f"{module}.qzeros"), b, n, bitpack.STREAM).to(torch.int64)  # [G, N]
+        # each column of qweight is one bit stream along K: unpack the transposed words row by row
+        u = bitpack.unpack(qweight.t().contiguous(), b, k, bitpack.STREAM).t()  # [K, N]
+        z = bitpack.unpack(self.store.get(f"{module}.qzeros"), b, n, bitpack.STREAM).to(torch.int16)  # [G, N]
         if fmt == "gptq":
             z = z + 1  # v1 stores zero - 1; readers add it back without masking
-        if z.shape != scales.shape or int(g_idx.max()) >= scales.shape[0]:
+        g = scales.shape[0]
+        if z.shape != scales.shape or int(g_idx.min()) < 0 or int(g_idx.max()) >= g:
             raise InputError(f"{module}: qzeros {list(z.shape)}, scales {list(scales.shape)} and g_idx disagree")
-        zk = z.index_select(0, g_idx).t()  # [N, K]
-        sk = scales.index_select(0, g_idx).t()
-        return (u - zk).to(torch.float32) * sk
+        plain = k % g == 0 and torch.equal(g_idx, torch.arange(k) // (k // g))
+        return dequantize_groups(u, z, scales, None if plain else g_idx)
 
 
 @register("gptq")

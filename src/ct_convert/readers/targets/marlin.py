@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import HFOutputReader, quant_method, register
+from ct_convert.readers.targets.base import HFOutputReader, dequantize_groups, nibbles, quant_method, register
 
 # nibble j (LSB first) of word 4*t + w holds the code at (k0 + dk, n0 + dn)
 NIBBLE_OFFSETS = ((0, 0), (8, 0), (0, 8), (8, 8), (1, 0), (9, 0), (1, 8), (9, 8))
@@ -43,12 +43,10 @@ def _scale_source(groups: int) -> torch.Tensor:
 
 
 def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
-    """B int32 [K/16, 2N] -> codes int64 [K, N]."""
+    """B int32 [K/16, 2N] -> codes uint8 [K, N]."""
     kt, words = b.shape
     n = words // 2
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    nibbles = ((b.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(kt, n // 64, 1024)
-    tiles = nibbles.index_select(2, _tile_source()).reshape(kt, n // 64, 16, 64)
+    tiles = nibbles(b).reshape(kt, n // 64, 1024).index_select(2, _tile_source()).reshape(kt, n // 64, 16, 64)
     return tiles.permute(0, 2, 1, 3).reshape(16 * kt, n)
 
 
@@ -59,7 +57,7 @@ class MarlinOutput(HFOutputReader):
         if f"{module}.B" not in self.store:
             return None
         b = self.store.get(f"{module}.B")
-        s = self.store.get(f"{module}.s").to(torch.float32)
+        s = self.store.get(f"{module}.s")
         u = unpack_marlin(b)  # [K, N]
         k, n = u.shape
         g = s.shape[0]
@@ -67,8 +65,7 @@ class MarlinOutput(HFOutputReader):
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
         src = _scale_source(g)
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        rows = torch.arange(k) // (k // g)
-        return ((u - 8).to(torch.float32) * s.index_select(0, rows)).t().contiguous()
+        return dequantize_groups(u, torch.full((g, n), 8, dtype=torch.int16), s)
 
 
 @register("marlin")
