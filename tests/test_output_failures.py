@@ -1,0 +1,63 @@
+"""Disk full and permission denied while writing OUTPUT: a clear error, exit 2, nothing left behind."""
+
+import errno
+
+from conftest import FIXTURES
+
+
+def test_disk_full_mid_write(cli, tmp_path, monkeypatch):
+    import ct_convert.safetensors_out as so
+
+    calls = {"n": 0}
+    real = so.SafetensorsFileWriter._write
+
+    def fill_up(self, data):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(so.SafetensorsFileWriter, "_write", lambda self, data: fill_up(self, data))
+    r = cli("repack", FIXTURES / "w4a16-g128", tmp_path / "out", "--target", "dense")
+    assert r.code == 2 and "disk full" in r.err and str(tmp_path / "out") in r.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_while_copying_other_files(cli, tmp_path, monkeypatch):
+    import ct_convert.output as output
+
+    def no_space(src, dst):
+        raise output.OutputError(f"{dst}: disk full while copying {src.name}")
+
+    monkeypatch.setattr("ct_convert.writers.hf.copy_with_hash", no_space)
+    r = cli("repack", FIXTURES / "w4a16-g128", tmp_path / "out", "--target", "dense")
+    assert r.code == 2 and "disk full" in r.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_permission_denied_creating_output(cli, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def denied(self, *a, **k):
+        if ".ct-convert-tmp-" in self.name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    r = cli("repack", FIXTURES / "w4a16-g128", tmp_path / "out", "--target", "dense")
+    assert r.code == 2 and "cannot create the output folder" in r.err and "Permission denied" in r.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_enospc_from_anywhere_inside_the_transaction_is_reported_as_disk_full(tmp_path):
+    import pytest
+
+    from ct_convert.errors import OutputError
+    from ct_convert.output import OutputFolder
+
+    with pytest.raises(OutputError, match="disk full"):
+        with OutputFolder(tmp_path / "out", force=False):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
