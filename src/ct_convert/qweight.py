@@ -206,7 +206,8 @@ class QuantizedWeight:
         return bool(torch.equal(self.g_idx.to(torch.int64), expect))
 
     def code_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Values of the codes before scaling (int codes, or the float element values), exact in `dtype`."""
+        """Values of the codes before scaling (int codes, or the float element values), exact in `dtype`;
+        always a new tensor (codes are never stored as floats of 16 bits or more)."""
         e = self.encoding
         if e is Encoding.INT or e is Encoding.FP8:
             return self.codes.to(dtype)
@@ -239,10 +240,10 @@ class QuantizedWeight:
             # [.., N, G, gs] views broadcast the per-group values without gathering them per column
             *lead, n, k = self.shape
             gs = self.effective_group_size
-            v = values.reshape(*lead, n, k // gs, gs)
+            v = values.reshape(*lead, n, k // gs, gs)  # code_values() returns a fresh tensor: work in place
             if zp is not None:
-                v = v - zp.reshape(*lead, n, -1, 1)
-            return (v * scale.reshape(*lead, n, -1, 1)).reshape(self.shape).to(out_dtype)
+                v.sub_(zp.reshape(*lead, n, -1, 1))
+            return v.mul_(scale.reshape(*lead, n, -1, 1)).reshape(self.shape).to(out_dtype)
         if zp is not None:
             values = values - self._expanded(zp)
         return (values * self._expanded(scale)).to(out_dtype)
