@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ct_convert.errors import InputError
-from ct_convert.tensorstore import DTYPES, TensorMeta
+from ct_convert.tensorstore import DTYPES, HeaderIndex, TensorMeta
 
 # weights of other formats and editor debris are never fetched
 IGNORE = ["*.bin", "*.pth", "*.pt", "*.gguf", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.ot", "original/*"]
@@ -69,7 +69,7 @@ def _with_revision(ckpt, revision: str | None, folder: str):
     return ckpt
 
 
-class RemoteStore:
+class RemoteStore(HeaderIndex):
     """Tensor headers of a Hub repo, read without downloading weights."""
 
     def __init__(self, repo_id: str, revision: str | None):
@@ -88,22 +88,6 @@ class RemoteStore:
                     raise InputError(f"{repo_id}/{fname}: tensor {name!r} has unsupported dtype {info.dtype}")
                 self._meta[name] = TensorMeta(Path(fname), info.dtype, tuple(info.shape), tuple(info.data_offsets))
         self._header_len = {Path(f): None for f in meta.files_metadata}
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._meta
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise InputError(f"missing tensor {name!r}") from None
-
-    def total_bytes(self) -> int:
-        return sum(m.nbytes for m in self._meta.values())
 
     def get(self, name: str):
         import struct

@@ -134,8 +134,30 @@ def _check_entry(path: Path, name: str, entry, data_len: int, data_start: int) -
     return TensorMeta(path, dtype, tuple(shape), (offs[0], offs[1]), data_start)
 
 
-class TensorStore:
-    """Every tensor of a checkpoint, by name, across shards; reads are lazy and mmap-backed."""
+class HeaderIndex:
+    """Tensor headers by name: what every store answers without reading data."""
+
+    _meta: dict[str, TensorMeta]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise InputError(f"missing tensor {name!r}") from None
+
+    def total_bytes(self) -> int:
+        return sum(m.nbytes for m in self._meta.values())
+
+
+class TensorStore(HeaderIndex):
+    """Every tensor of a checkpoint, by name, across shards; reads are lazy positioned reads."""
 
     def __init__(self, root: Path, files: list[Path], weight_map: dict[str, Path] | None = None):
         self._handles: dict[Path, int] = {}  # open file descriptors, one per shard
@@ -161,19 +183,6 @@ class TensorStore:
                 if meta.file != file:
                     raise InputError(f"tensor {name!r}: the index says {file.name} but it is in {meta.file.name}")
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._meta
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise InputError(f"missing tensor {name!r}") from None
-
     def get(self, name: str) -> torch.Tensor:
         meta = self.meta(name)
         fd = self._handles.get(meta.file)
@@ -183,9 +192,6 @@ class TensorStore:
             return read_tensor(fd, meta)
         except OSError as e:
             raise InputError(f"{meta.file}: cannot read tensor {name!r}: {e.strerror or e}") from None
-
-    def total_bytes(self) -> int:
-        return sum(m.nbytes for m in self._meta.values())
 
     def close(self) -> None:
         for fd in self._handles.values():

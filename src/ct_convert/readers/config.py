@@ -53,16 +53,7 @@ class QuantArgs:
         )
 
     def as_json(self) -> dict:
-        return {
-            "num_bits": self.num_bits,
-            "type": self.type,
-            "symmetric": self.symmetric,
-            "strategy": self.strategy,
-            "group_size": self.group_size,
-            "block_structure": list(self.block_structure) if self.block_structure else None,
-            "dynamic": self.dynamic,
-            "actorder": self.actorder,
-        }
+        return {**self.weight_scheme().as_json(), "dynamic": self.dynamic}
 
 
 @dataclass(frozen=True)
