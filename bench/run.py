@@ -70,6 +70,8 @@ def warm(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=LLAMA3_8B["vocab"],
+                    help="30000 keeps every module under 256 MB (Llama-3's 128256 makes the embedding 1 GB)")
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--targets", default="dense,awq,gptq,marlin")
     ap.add_argument("--verify", action="store_true", help="also time the default repack with verification")
@@ -78,10 +80,10 @@ def main() -> None:
     args = ap.parse_args()
 
     work = args.work
-    src = work / f"src-{args.layers}"
+    src = work / f"src-{args.layers}-{args.vocab}"
     if not (src / "config.json").exists():
         print(f"building a {args.layers}-layer Llama-3-8B-shaped W4A16 checkpoint in {src} ...", flush=True)
-        build(src, **dict(LLAMA3_8B, layers=args.layers))
+        build(src, **dict(LLAMA3_8B, layers=args.layers, vocab=args.vocab))
     size = warm(src)
     ct = [str(Path(sys.executable).parent / "ct-convert")]
     rows = []

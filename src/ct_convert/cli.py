@@ -201,9 +201,6 @@ def verify(
 
 
 def main() -> None:
-    from ct_convert.memory import reuse_freed_memory
-
-    reuse_freed_memory()
     try:
         # without standalone mode, typer returns exit codes (130 for Ctrl-C) instead of exiting
         code = app(standalone_mode=False)
