@@ -38,7 +38,7 @@ class AWQOutput(HFOutputReader):
         gs = k if gs == -1 else gs
         if s.shape[0] * gs != k or z.shape != s.shape:
             raise InputError(f"{module}: scales {list(s.shape)} / qzeros do not fit K={k} with group size {gs}")
-        return dequantize_groups(u, z.to(torch.int16), s)
+        return dequantize_groups(u.t(), z.to(torch.int16), s)
 
 
 @register("awq")

@@ -59,24 +59,23 @@ def open_store(folder: Path) -> TensorStore:
     return TensorStore(folder, sorted(folder.glob("*.safetensors")))
 
 
-def dequantize_groups(codes_kn: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """w[n, k] = (u[k, n] - z[g(k), n]) * s[g(k), n] as exact float32 [N, K].
+def dequantize_groups(codes_nk: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """w[n, k] = (u[n, k] - z[g(k), n]) * s[g(k), n] as exact float32 [N, K].
 
-    `codes_kn` [K, N] unsigned, `zeros`/`scales` [G, N]; g(k) = rows[k], or k // (K / G) when rows is
-    None. Contiguous groups broadcast per group instead of gathering a [K, N] copy of z and s.
+    `codes_nk` [N, K] unsigned (any strides: transposing one-byte codes is the cheap place to do
+    it), `zeros`/`scales` [G, N]; g(k) = cols[k], or k // (K / G) when cols is None. Contiguous
+    groups broadcast per group instead of gathering a [N, K] copy of z and s.
     """
-    k, n = codes_kn.shape
+    n, k = codes_nk.shape
     g = scales.shape[0]
-    z = zeros.to(torch.float32)
-    s = scales.to(torch.float32)
-    if rows is None:
-        v = codes_kn.reshape(g, k // g, n).to(torch.float32)
-        v.sub_(z.unsqueeze(1)).mul_(s.unsqueeze(1))
-        v = v.reshape(k, n)
-    else:
-        v = codes_kn.to(torch.float32)
-        v.sub_(z.index_select(0, rows)).mul_(s.index_select(0, rows))
-    return v.t().contiguous()
+    z = zeros.to(torch.float32).t()
+    s = scales.to(torch.float32).t()
+    if cols is None:
+        v = codes_nk.contiguous().reshape(n, g, k // g).to(torch.float32)
+        v.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
+        return v.reshape(n, k)
+    v = codes_nk.to(torch.float32)
+    return v.sub_(z.index_select(1, cols)).mul_(s.index_select(1, cols))
 
 
 def nibbles(words: torch.Tensor) -> torch.Tensor:

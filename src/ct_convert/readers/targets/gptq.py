@@ -28,7 +28,7 @@ class GPTQOutput(HFOutputReader):
         g_idx = self.store.get(f"{module}.g_idx").to(torch.int64)  # [K]
         k, n = g_idx.numel(), qweight.shape[1]
         # each column of qweight is one bit stream along K: unpack the transposed words row by row
-        u = bitpack.unpack(qweight.t().contiguous(), b, k, bitpack.STREAM).t()  # [K, N]
+        u = bitpack.unpack(qweight.t().contiguous(), b, k, bitpack.STREAM)  # [N, K]
         z = bitpack.unpack(self.store.get(f"{module}.qzeros"), b, n, bitpack.STREAM).to(torch.int16)  # [G, N]
         if fmt == "gptq":
             z = z + 1  # v1 stores zero - 1; readers add it back without masking

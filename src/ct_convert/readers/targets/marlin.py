@@ -65,7 +65,7 @@ class MarlinOutput(HFOutputReader):
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
         src = _scale_source(g)
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        return dequantize_groups(u, torch.full((g, n), 8, dtype=torch.int16), s)
+        return dequantize_groups(u.t(), torch.full((g, n), 8, dtype=torch.int16), s)
 
 
 @register("marlin")
