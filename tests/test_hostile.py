@@ -5,9 +5,7 @@ fixtures; the explicit tests pin each case the README's reliability section list
 """
 
 import json
-import math
 import os
-import random
 import struct
 import tempfile
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Interrupted runs (SIGINT, SIGTERM, SIGKILL mid-write) leave no OUTPUT, and a re-run succeeds."""
 
-import os
 import signal
 import subprocess
 import sys

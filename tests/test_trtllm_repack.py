@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from conftest import FIXTURES
 from test_trtllm_layout import reference_bytes
 from ct_convert.readers.targets import open_output
-from ct_convert.readers.targets.trtllm import undo_mixed_gemm
 
 helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ct_convert import __version__, console
-from ct_convert.errors import CTConvertError, VerificationFailed
+from ct_convert.errors import CTConvertError
 
 app = typer.Typer(
     name="ct-convert",

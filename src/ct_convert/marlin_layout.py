@@ -61,7 +61,6 @@ def pack_lsb(values: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"pack_lsb packs 1, 2, 4 or 8 bits, not {bits}")
-    per = 8 // bits
     if (values.shape[-1] * bits) % 32:
         raise ValueError(f"{values.shape[-1]} {bits}-bit values do not fill whole 32-bit words")
     return bitpack.pack(values, bits)

@@ -13,7 +13,7 @@ from ct_convert.marlin_layout import INTERLEAVE
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.writers.base import RepackOptions, WriteReport, register
-from ct_convert.writers.gptq import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes, unsigned_zeros
+from ct_convert.writers.intweights import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes, unsigned_zeros
 
 AWQ_ORDER = INTERLEAVE[4]  # nibble i of a word holds column 8c + AWQ_ORDER[i]
 

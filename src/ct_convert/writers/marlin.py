@@ -10,7 +10,7 @@ from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.writers.base import RepackOptions, WriteReport, register
-from ct_convert.writers.gptq import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
+from ct_convert.writers.intweights import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
 
 
 @register

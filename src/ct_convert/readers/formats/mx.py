@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from ct_convert import floatcodes
 from ct_convert.errors import InputError

@@ -16,7 +16,6 @@ from ct_convert.writers.trtllm.names import (
     ARCHITECTURES,
     COLUMN,
     IGNORABLE,
-    ROW,
     Geometry,
     Linear,
     geometry,
