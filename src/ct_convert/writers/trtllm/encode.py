@@ -8,6 +8,7 @@ from ct_convert.safetensors_out import TensorSpec
 from ct_convert.writers.base import exact_cast
 from ct_convert.writers.trtllm import plan as planning
 from ct_convert.writers.trtllm.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
+from ct_convert.writers.trtllm.names import ROW
 from ct_convert.writers.trtllm.tp import column_shard, row_shard
 
 
@@ -84,7 +85,7 @@ def _quantized(reader, plan: planning.Plan, lp: planning.LinearPlan) -> list[dic
     out = []
     for r in range(plan.tp):
         s = _shard(plan, lp, codes, r)  # int8 [n, k]
-        per_channel = algo not in planning.GROUPWISE and lp.linear.parallel == planning.ROW
+        per_channel = algo not in planning.GROUPWISE and lp.linear.parallel == ROW
         scale = scales[0] if per_channel else _shard(plan, lp, scales, r)  # [n, G]: a row split keeps whole channels
         if algo == planning.W4A16_AWQ:
             out.append({"weight": pack_int4_along_rows(s), "weights_scaling_factor": scale,
