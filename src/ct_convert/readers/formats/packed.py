@@ -82,10 +82,20 @@ class PackedDecoder:
         offset = 1 << (b - 1)
         k, n = info.in_features, info.out_features
 
-        def codes() -> torch.Tensor:
-            u = bitpack.unpack(mt.get("weight_packed"), b, k, info.layout)
+        read_once: list[torch.Tensor] = []
+
+        def packed() -> torch.Tensor:
+            if not read_once:
+                read_once.append(mt.get("weight_packed"))
+            return read_once[0]
+
+        def codes_rows(start: int, stop: int) -> torch.Tensor:
+            u = bitpack.unpack(packed()[..., start:stop, :], b, k, info.layout)
             # u - 2^(b-1) wraps modulo 256 and reads back as the signed code: one pass, no widening
             return u.sub_(offset).view(torch.int8)
+
+        def codes() -> torch.Tensor:
+            return codes_rows(0, n)
 
         zp = None
         if not info.scheme.symmetric:
@@ -110,7 +120,8 @@ class PackedDecoder:
             zero_point=zp,
             g_idx=g_idx,
             _codes=codes,
-            _packed=(lambda: mt.get("weight_packed")) if stream else None,
+            _codes_rows=codes_rows,
+            _packed=packed if stream else None,
         )
 
 
