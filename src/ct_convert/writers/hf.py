@@ -62,6 +62,7 @@ class HFWriter:
                 f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
                 hint="The weights alone are not the model; ct-convert cannot port online transforms yet.",
             )
+        self.plan(reader, opts)  # module refusals, from headers alone, before OUTPUT is created
 
     def carries(self, reader, name: str) -> bool:
         """Whether a tensor outside the quantized modules is written (activation qparams are not)."""
