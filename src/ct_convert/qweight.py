@@ -88,12 +88,7 @@ class ModuleInfo:
     @property
     def num_groups(self) -> int:
         """Groups along K as writers see them: 1 for tensor and channel strategies."""
-        s = self.scheme
-        if s is None or s.strategy in ("tensor", "channel"):
-            return 1
-        if s.strategy in ("group", "tensor_group"):
-            return math.ceil(self.in_features / s.group_size)
-        raise ValueError(f"{self.name}: strategy {s.strategy} has no groups along K")
+        return math.ceil(self.in_features / self.effective_group_size)
 
     @property
     def effective_group_size(self) -> int:

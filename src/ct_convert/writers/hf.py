@@ -109,7 +109,6 @@ class HFWriter:
         return items, report
 
     def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
-        self.check(reader, opts)
         items, report = self.plan(reader, opts)
         shards = _split(items, opts.max_shard_size)
         names = shard_names(len(shards))
@@ -150,7 +149,7 @@ class HFWriter:
         def run(it: Item) -> dict[str, torch.Tensor]:
             if it.module is None:
                 t = reader.get(it.tensor)
-                return {it.tensor: exact_cast(t, it.specs[0].dtype, f"tensor {it.tensor}") if t.dtype != it.specs[0].dtype else t}
+                return {it.tensor: exact_cast(t, it.specs[0].dtype, f"tensor {it.tensor}")}
             qw = reader.read(it.module)
             if opts.device != "cpu":
                 qw = qw.to(opts.device)
