@@ -1,4 +1,10 @@
-"""Module-by-module comparison of a source checkpoint and a written output, both dequantized."""
+"""Module-by-module comparison of a source checkpoint and a written output, both dequantized.
+
+Integer modules are compared in the code domain first: when the output's unsigned codes, zero
+points, scales and column groups equal the source's, (u - z) * s is the same number everywhere, so
+the dequantized weights are equal without materializing either in float32 (4x the bytes, the
+dominant cost of verification). Anything else, or any difference, is compared dequantized.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from pathlib import Path
 import torch
 
 from ct_convert.output import sha256_file
+from ct_convert.parallel import ordered_map
+from ct_convert.qweight import Encoding, QuantizedWeight
+from ct_convert.readers.targets.base import GroupCodes
 from ct_convert.source import load_json
 
 
@@ -24,17 +33,21 @@ class ModuleResult:
         return asdict(self)
 
 
-def compare(reader, out_reader, atol: float | None = None, progress=lambda n: None) -> list[ModuleResult]:
-    """Dequantize every source module and its output counterpart; exact unless `atol` is given."""
+def compare(reader, out_reader, atol: float | None = None, progress=lambda n: None, workers: int = 1) -> list[ModuleResult]:
+    """Compare every source module with its output counterpart, `workers` modules at a time;
+    exact unless `atol` is given."""
+
+    def module(name: str) -> ModuleResult:
+        source = reader.read(name)
+        decoded = out_reader.decode(name)
+        if decoded is not None and same_codes(source, decoded):
+            return ModuleResult(name, 0.0, 0.0, True, True)
+        return _compare_dequantized(name, source, out_reader, atol)
+
     results = []
-    for name, info in reader.modules.items():
-        got = out_reader.dequantize(name)
-        if got is None:
-            results.append(ModuleResult(name, float("inf"), float("inf"), False, False, "missing in output"))
-            continue
-        ref = reader.read(name).dequantize(got.dtype)
-        results.append(_diff(name, ref, got, atol))
-        progress(sum(reader.store.meta(t).nbytes for t in info.tensors.values()))
+    for result in ordered_map(module, reader.modules, workers):
+        results.append(result)
+        progress(sum(reader.store.meta(t).nbytes for t in reader.modules[result.module].tensors.values()))
     for t in reader.passthrough():
         if reader.is_quantization_param(t):
             continue
@@ -48,10 +61,59 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
     return results
 
 
+def _compare_dequantized(name: str, source: QuantizedWeight, out_reader, atol: float | None) -> ModuleResult:
+    got = out_reader.dequantize(name)
+    if got is None:
+        return ModuleResult(name, float("inf"), float("inf"), False, False, "missing in output")
+    return _diff(name, source.dequantize(got.dtype), got, atol)
+
+
+def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
+    """True when an output holds exactly the source's integer weight; False when they differ or the
+    source is not an integer weight of this shape (then compare dequantized)."""
+    scheme = source.scheme
+    if source.encoding is not Encoding.INT or len(source.shape) != 2 or scheme.strategy not in ("tensor", "channel", "group"):
+        return False
+    n, k = source.shape
+    offset = 1 << (scheme.num_bits - 1)
+    scales = source.group_scales()  # [N, G]
+    if tuple(out.scales.shape) != (scales.shape[1], n):
+        return False
+    if not torch.equal(out.scales.to(torch.float32), scales.t().to(torch.float32)):
+        return False
+    zp = source.group_zero_points()
+    zeros = torch.full_like(scales, offset, dtype=torch.int16) if zp is None else zp.to(torch.int16) + offset
+    if not torch.equal(out.zeros.to(torch.int16), zeros.t()):
+        return False
+    groups = out.scales.shape[0]
+    cols = out.cols if out.cols is not None else torch.arange(k) // max(1, k // groups)
+    if groups > 1 and not torch.equal(cols.to(torch.int64), source.column_groups()):
+        return False
+    packed = source.packed_stream if out.stream is not None else None
+    if packed is not None and bitwise_equal(out.stream, packed):
+        return True  # both are the same LSB-first b-bit stream of u along each row
+    u = out.unpack()
+    # u - 2^(b-1) modulo 256 is the signed code's two's-complement byte
+    return tuple(u.shape) == (n, k) and bitwise_equal(u.sub_(offset), source.codes.view(torch.uint8))
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes; compared eight bytes at a time where the layout allows."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.contiguous(), b.contiguous()
+    if a.numel() * a.element_size() % 8 == 0 and a.numel():
+        try:
+            return bool(torch.equal(a.reshape(-1).view(torch.int64), b.reshape(-1).view(torch.int64)))
+        except RuntimeError:  # an unaligned storage offset: compare element by element
+            pass
+    return bool(torch.equal(a, b))
+
+
 def _diff(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float | None) -> ModuleResult:
     if tuple(ref.shape) != tuple(got.shape):
         return ModuleResult(name, float("inf"), float("inf"), False, False, f"shape {list(got.shape)} != {list(ref.shape)}")
-    if ref.dtype == got.dtype and torch.equal(ref, got):  # the common case, at memory speed
+    if bitwise_equal(ref, got):  # the common case, at memory speed
         return ModuleResult(name, 0.0, 0.0, True, True)
     if not ref.is_floating_point():
         exact = bool(torch.equal(ref, got))

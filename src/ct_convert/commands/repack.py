@@ -30,7 +30,7 @@ def repack(source: str, output: Path, opts: RepackOptions, *, revision: str | No
             report = writer.write(reader, tmp, opts, advance)
         if opts.verify:
             with console.progress_bar("verify", total, show_progress) as advance:
-                _verify_into(reader, tmp, report, advance)
+                _verify_into(reader, tmp, report, advance, opts.workers)
         manifest = _manifest(source, ckpt.revision, opts, report)
         write_bytes_with_hash(tmp / "ct-convert.json", (json.dumps(manifest, indent=2) + "\n").encode())
         folder.commit()
@@ -50,8 +50,8 @@ def repack(source: str, output: Path, opts: RepackOptions, *, revision: str | No
     }
 
 
-def _verify_into(reader, folder: Path, report: WriteReport, advance) -> None:
-    results = compare(reader, open_output(folder), progress=advance)
+def _verify_into(reader, folder: Path, report: WriteReport, advance, workers: int) -> None:
+    results = compare(reader, open_output(folder), progress=advance, workers=workers)
     bad = [r for r in results if not r.ok]
     if bad:
         raise VerificationFailed(

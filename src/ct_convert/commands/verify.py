@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich import box
@@ -18,7 +19,7 @@ def verify_pair(source: str, output: Path, atol: float | None, revision: str | N
     reader = open_checkpoint(resolve(source, revision))
     out = open_output(output)
     with console.progress_bar("verify", reader.store.total_bytes(), show_progress) as advance:
-        return compare(reader, out, atol, progress=advance)
+        return compare(reader, out, atol, progress=advance, workers=os.cpu_count() or 1)
 
 
 def render_results(results: list[ModuleResult]) -> None:

@@ -10,8 +10,6 @@ the modules in flight.
 from __future__ import annotations
 
 import json
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
+from ct_convert.parallel import ordered_map
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
 from ct_convert.writers.base import Progress, RepackOptions, WriteReport, exact_cast
@@ -159,23 +158,7 @@ class HFWriter:
                 produced = self.convert(qw, opts)
             return {f"{it.module}.{k}": v for k, v in produced.items()}
 
-        if workers == 1:
-            for it in items:
-                yield run(it)
-            return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque = deque()
-            queue = iter(items)
-            for it in queue:
-                pending.append(pool.submit(run, it))
-                if len(pending) >= workers:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.append(pool.submit(run, nxt))
-                yield result
+        return ordered_map(run, items, workers)
 
     def _config(self, reader, out: Path, opts: RepackOptions, report: WriteReport) -> None:
         config = json.loads(json.dumps(reader.config))

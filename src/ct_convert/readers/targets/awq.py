@@ -8,37 +8,44 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import HFOutputReader, dequantize_groups, nibbles, quant_method, register
-
-# column 8c + j of a word sits in nibble AWQ_REVERSE_ORDER[j]
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_method, register
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
-    """int32 [R, W] -> uint8 [R, 8W] codes in column order."""
-    nib = nibbles(words)  # [R, W, 8] in nibble order
-    order = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int64)
-    return nib.index_select(2, order).reshape(words.shape[0], -1)
+    """int32 [R, W] -> uint8 [R, 8W] codes in column order (a view of a contiguous [8W, R]).
+
+    Column 8c + j sits in nibble (0, 4, 1, 5, 2, 6, 3, 7)[j] of word c: nibble p = 4m + i holds
+    column 8c + 2i + m. Byte b = 2y + x of the word holds nibbles p = 2b (low) and 2b + 1 (high),
+    so nibble `hi` of byte (y, x) is column 8c + 4x + 2hi + y. Words are transposed first: moving
+    4-byte words costs far less than moving the 8 codes in them one byte at a time.
+    """
+    r, w = words.shape
+    wt = torch.empty(w, r, dtype=torch.int32, device=words.device).copy_(words.t())  # fresh: viewable as bytes
+    by = wt.view(torch.uint8).reshape(w, r, 2, 2).permute(0, 3, 2, 1)  # [c, x, y, R]
+    out = torch.empty(w, 2, 2, 2, r, dtype=torch.uint8, device=words.device)  # [c, x, hi, y, R]
+    torch.bitwise_and(by, 0xF, out=out[:, :, 0])
+    torch.bitwise_right_shift(by, 4, out=out[:, :, 1])
+    return out.reshape(8 * w, r).t()
 
 
 class AWQOutput(HFOutputReader):
     kind = "awq"
 
-    def dequantize_quantized(self, module: str) -> torch.Tensor | None:
+    def decode(self, module: str) -> GroupCodes | None:
         if f"{module}.qweight" not in self.store:
             return None
         qc = self.config["quantization_config"]
         if qc.get("bits", qc.get("w_bit")) != 4 or qc.get("version", "gemm").lower() != "gemm":
             raise InputError(f"{self.folder}: only 4-bit AWQ GEMM checkpoints can be read back")
-        u = unpack_awq(self.store.get(f"{module}.qweight"))  # [K, N]
+        qweight = self.store.get(f"{module}.qweight")  # [K, N/8]
         z = unpack_awq(self.store.get(f"{module}.qzeros"))  # [G, N]
         s = self.store.get(f"{module}.scales")  # [G, N]
-        k = u.shape[0]
+        k = qweight.shape[0]
         gs = int(qc.get("group_size", qc.get("q_group_size")))
         gs = k if gs == -1 else gs
-        if s.shape[0] * gs != k or z.shape != s.shape:
-            raise InputError(f"{module}: scales {list(s.shape)} / qzeros do not fit K={k} with group size {gs}")
-        return dequantize_groups(u.t(), z.to(torch.int16), s)
+        if s.shape[0] * gs != k or z.shape != s.shape or 8 * qweight.shape[1] != s.shape[1]:
+            raise InputError(f"{module}: scales {list(s.shape)} / qzeros do not fit qweight {list(qweight.shape)} with group size {gs}")
+        return GroupCodes(lambda: unpack_awq(qweight).t(), z.to(torch.int16), s)
 
 
 @register("awq")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -17,6 +18,9 @@ class OutputReader(Protocol):
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         """The module's weight as the target's consumer would compute it, or None if absent."""
+
+    def decode(self, module: str) -> "GroupCodes | None":
+        """The module's integer codes, zero points and scales, or None where the target stores none."""
 
     def tensor(self, name: str) -> torch.Tensor | None:
         """A tensor carried over from the source, by its source name, or None if absent."""
@@ -59,6 +63,20 @@ def open_store(folder: Path) -> TensorStore:
     return TensorStore(folder, sorted(folder.glob("*.safetensors")))
 
 
+@dataclass
+class GroupCodes:
+    """An integer module as a consumer reads it: w[n, k] = (u[n, k] - zeros[g(k), n]) * scales[g(k), n]."""
+
+    unpack: Callable[[], torch.Tensor]  # -> u: a fresh uint8 [N, K], contiguous
+    zeros: torch.Tensor  # integer [G, N]
+    scales: torch.Tensor  # float [G, N]
+    cols: torch.Tensor | None = None  # int64 [K]: g(k); None means k // (K / G)
+    stream: torch.Tensor | None = None  # int32 [N, W]: each row of u as an LSB-first bit stream, where stored so
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_groups(self.unpack(), self.zeros, self.scales, self.cols)
+
+
 def dequantize_groups(codes_nk: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """w[n, k] = (u[n, k] - z[g(k), n]) * s[g(k), n] as exact float32 [N, K].
 
@@ -78,12 +96,6 @@ def dequantize_groups(codes_nk: torch.Tensor, zeros: torch.Tensor, scales: torch
     return v.sub_(z.index_select(1, cols)).mul_(s.index_select(1, cols))
 
 
-def nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 [R, W] -> uint8 [R, W, 8]: the 8 nibbles of each word, least significant first."""
-    b = words.contiguous().view(torch.uint8).reshape(*words.shape, 4)
-    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(*words.shape, 8)
-
-
 class HFOutputReader:
     """A folder of safetensors shards; modules written dense (fallbacks) are read as `.weight`."""
 
@@ -97,9 +109,10 @@ class HFOutputReader:
     def dequantize(self, module: str) -> torch.Tensor | None:
         if f"{module}.weight" in self.store:
             return self.store.get(f"{module}.weight")
-        return self.dequantize_quantized(module)
+        decoded = self.decode(module)
+        return None if decoded is None else decoded.dequantize()
 
-    def dequantize_quantized(self, module: str) -> torch.Tensor | None:
+    def decode(self, module: str) -> GroupCodes | None:
         return None
 
     def tensor(self, name: str) -> torch.Tensor | None:

@@ -61,6 +61,9 @@ class GGUFOutput:
             return None, None
         return self.tensors[name], (int(m[2]) if m else None)
 
+    def decode(self, module: str) -> None:
+        return None  # block formats: compared dequantized
+
     def dequantize(self, module: str) -> torch.Tensor | None:
         return self.tensor(f"{module}.weight")
 

@@ -9,13 +9,13 @@ import torch
 
 from ct_convert import bitpack
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import HFOutputReader, dequantize_groups, quant_method, register
+from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_method, register
 
 
 class GPTQOutput(HFOutputReader):
     kind = "gptq"
 
-    def dequantize_quantized(self, module: str) -> torch.Tensor | None:
+    def decode(self, module: str) -> GroupCodes | None:
         if f"{module}.qweight" not in self.store:
             return None
         qc = self.config["quantization_config"]
@@ -27,8 +27,7 @@ class GPTQOutput(HFOutputReader):
         scales = self.store.get(f"{module}.scales")  # [G, N]
         g_idx = self.store.get(f"{module}.g_idx").to(torch.int64)  # [K]
         k, n = g_idx.numel(), qweight.shape[1]
-        # each column of qweight is one bit stream along K: unpack the transposed words row by row
-        u = bitpack.unpack(qweight.t().contiguous(), b, k, bitpack.STREAM)  # [N, K]
+        stream = qweight.t()  # each column of qweight is one bit stream along K
         z = bitpack.unpack(self.store.get(f"{module}.qzeros"), b, n, bitpack.STREAM).to(torch.int16)  # [G, N]
         if fmt == "gptq":
             z = z + 1  # v1 stores zero - 1; readers add it back without masking
@@ -36,7 +35,10 @@ class GPTQOutput(HFOutputReader):
         if z.shape != scales.shape or int(g_idx.min()) < 0 or int(g_idx.max()) >= g:
             raise InputError(f"{module}: qzeros {list(z.shape)}, scales {list(scales.shape)} and g_idx disagree")
         plain = k % g == 0 and torch.equal(g_idx, torch.arange(k) // (k // g))
-        return dequantize_groups(u, z, scales, None if plain else g_idx)
+        return GroupCodes(
+            lambda: bitpack.unpack(stream.contiguous(), b, k, bitpack.STREAM),
+            z, scales, None if plain else g_idx, stream=stream,
+        )
 
 
 @register("gptq")

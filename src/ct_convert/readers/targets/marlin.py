@@ -12,23 +12,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import HFOutputReader, dequantize_groups, nibbles, quant_method, register
-
-# nibble j (LSB first) of word 4*t + w holds the code at (k0 + dk, n0 + dn)
-NIBBLE_OFFSETS = ((0, 0), (8, 0), (0, 8), (8, 8), (1, 0), (9, 0), (1, 8), (9, 8))
-
-
-def _tile_source() -> torch.Tensor:
-    """For each of the 16x64 codes of a Marlin tile (row-major), its position among the tile's 1024 nibbles."""
-    src = torch.empty(1024, dtype=torch.int64)
-    for t in range(32):
-        for w in range(4):
-            for j, (dk, dn) in enumerate(NIBBLE_OFFSETS):
-                r = 2 * (t % 4) + dk
-                c = 16 * w + t // 4 + dn
-                src[64 * r + c] = 8 * (4 * t + w) + j
-    return src
-
+from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_method, register
 
 def _scale_source(groups: int) -> torch.Tensor:
     """Column of the stored `s` that holds original column c, within one permutation block."""
@@ -43,29 +27,41 @@ def _scale_source(groups: int) -> torch.Tensor:
 
 
 def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
-    """B int32 [K/16, 2N] -> codes uint8 [K, N]."""
+    """B int32 [K/16, 2N] -> codes uint8 [K, N] (a view of a contiguous [N, K]).
+
+    Within a 16x64 tile, nibble j = 4e + 2f + h (LSB first) of word 4t + w, t = 4a + c, holds the
+    code at row 2c + 8h + e, column 16w + 8f + a (targets.md §1.2). Words are first put in output
+    order [tile column, w, a, tile row, c]; nibble j sits in byte 2e + f, high half when h = 1.
+    """
     kt, words = b.shape
-    n = words // 2
-    tiles = nibbles(b).reshape(kt, n // 64, 1024).index_select(2, _tile_source()).reshape(kt, n // 64, 16, 64)
-    return tiles.permute(0, 2, 1, 3).reshape(16 * kt, n)
+    nt = words // 128
+    wp = torch.empty(nt, 4, 8, kt, 4, dtype=torch.int32, device=b.device)  # [nt, w, a, kt, c]; fresh: viewable as bytes
+    wp.copy_(b.reshape(kt, nt, 8, 4, 4).permute(1, 4, 2, 0, 3))
+    by = wp.view(torch.uint8).reshape(nt, 4, 8, kt, 4, 2, 2)  # [nt, w, a, kt, c, e, f]
+    out = torch.empty(nt, 4, 2, 8, kt, 2, 4, 2, dtype=torch.uint8, device=b.device)  # [nt, w, f, a, kt, h, c, e]
+    for f in range(2):
+        torch.bitwise_and(by[..., f], 0xF, out=out[:, :, f, :, :, 0])
+        torch.bitwise_right_shift(by[..., f], 4, out=out[:, :, f, :, :, 1])
+    return out.reshape(64 * nt, 16 * kt).t()
 
 
 class MarlinOutput(HFOutputReader):
     kind = "marlin"
 
-    def dequantize_quantized(self, module: str) -> torch.Tensor | None:
+    def decode(self, module: str) -> GroupCodes | None:
         if f"{module}.B" not in self.store:
             return None
         b = self.store.get(f"{module}.B")
         s = self.store.get(f"{module}.s")
-        u = unpack_marlin(b)  # [K, N]
-        k, n = u.shape
+        if b.dim() != 2 or b.shape[1] % 128:
+            raise InputError(f"{module}: B {list(b.shape)} is not a whole number of 16x64 Marlin tiles")
+        k, n = 16 * b.shape[0], b.shape[1] // 2
         g = s.shape[0]
         if s.shape[1] != n or k % g:
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
         src = _scale_source(g)
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        return dequantize_groups(u.t(), torch.full((g, n), 8, dtype=torch.int16), s)
+        return GroupCodes(lambda: unpack_marlin(b).t(), torch.full((g, n), 8, dtype=torch.int16), s)
 
 
 @register("marlin")

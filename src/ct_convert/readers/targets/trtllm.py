@@ -98,6 +98,9 @@ class TRTLLMOutput:
         return store.get(name) if name in store else None
 
     # -- weights -------------------------------------------------------------------------------
+    def decode(self, module: str) -> None:
+        return None  # weights may be split over ranks and fused: compared dequantized
+
     def dequantize(self, module: str) -> torch.Tensor | None:
         if module == "lm_head":
             return self._cat_rows("lm_head.weight")

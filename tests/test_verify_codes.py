@@ -1,0 +1,94 @@
+"""Verification in the code domain: taken for faithful integer outputs, and never blind to a change
+that alters a dequantized weight (each such change falls through to the float comparison)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import FIXTURES
+from ct_convert.readers.checkpoint import open_checkpoint
+from ct_convert.readers.targets import open_output
+from ct_convert.source import resolve
+from ct_convert.verify import bitwise_equal, compare, same_codes
+
+CASES = [
+    ("w4a16-g128", "gptq"),
+    ("w8a16-g128", "gptq"),
+    ("w4a16-asym-g128", "gptq"),
+    ("legacy-0.8.1-actorder-group", "gptq"),
+    ("w4a16-asym-channel", "gptq"),
+    ("w4a16-asym-g128", "awq"),
+    ("marlin-ok-w4a16", "marlin"),
+]
+
+
+def _repack(cli, tmp_path, fixture, target):
+    out = tmp_path / f"{fixture}-{target}"
+    assert cli("repack", FIXTURES / fixture, out, "--target", target, "--no-verify", "-q").code == 0
+    return open_checkpoint(resolve(str(FIXTURES / fixture), None)), out
+
+
+@pytest.mark.parametrize("fixture,target", CASES)
+def test_faithful_outputs_match_in_the_code_domain(cli, tmp_path, fixture, target):
+    reader, out = _repack(cli, tmp_path, fixture, target)
+    out_reader = open_output(out)
+    quantized = [m for m, info in reader.modules.items() if info.is_quantized]
+    assert quantized
+    for name in quantized:
+        decoded = out_reader.decode(name)
+        assert decoded is not None, name
+        assert same_codes(reader.read(name), decoded), name
+
+
+def _flip(path, tensor, index, xor):
+    tensors = load_file(path)
+    t = tensors[tensor]
+    (t.view(torch.int16) if t.dtype == torch.float16 else t).view(-1)[index] ^= xor
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "fixture,target,suffix,xor",
+    [
+        ("w4a16-asym-g128", "gptq", "qweight", 0x10),  # one code of one column
+        ("w4a16-asym-g128", "gptq", "qzeros", 0x1),  # one zero point
+        ("w4a16-asym-g128", "awq", "qweight", 0x100),
+        ("w4a16-asym-g128", "awq", "scales", 0x1),  # one ulp of one scale
+        ("marlin-ok-w4a16", "marlin", "B", 0x1000),
+    ],
+)
+def test_a_changed_code_zero_or_scale_is_found(cli, tmp_path, fixture, target, suffix, xor):
+    reader, out = _repack(cli, tmp_path, fixture, target)
+    module = "model.layers.0.mlp.down_proj"
+    name = f"{module}.{suffix}"
+    shard = next(p for p in out.glob("*.safetensors") if name in load_file(p))
+    _flip(shard, name, 5, xor)
+    out_reader = open_output(out)
+    assert not same_codes(reader.read(module), out_reader.decode(module))
+    bad = [r for r in compare(reader, out_reader) if not r.ok]
+    assert [r.module for r in bad] == [module]
+    assert bad[0].max_abs_error > 0
+
+
+def test_a_permuted_group_index_is_found(cli, tmp_path):
+    reader, out = _repack(cli, tmp_path, "legacy-0.8.1-actorder-group", "gptq")
+    out_reader = open_output(out)
+    module = next(m for m, i in reader.modules.items() if i.is_quantized)
+    decoded = out_reader.decode(module)
+    assert decoded.cols is not None
+    decoded.cols = decoded.cols.roll(1)
+    assert not same_codes(reader.read(module), decoded)
+
+
+def test_bitwise_equal():
+    a = torch.randn(3, 5).to(torch.bfloat16)  # 30 bytes: not a whole number of 8-byte words
+    assert bitwise_equal(a, a.clone())
+    assert not bitwise_equal(a, a.to(torch.float16))
+    b = a.clone()
+    b.view(torch.int16)[2, 4] ^= 1
+    assert not bitwise_equal(a, b)
+    big = torch.arange(64, dtype=torch.int16)
+    assert bitwise_equal(big[1:33], big.clone()[1:33])  # an unaligned offset
+    assert not bitwise_equal(torch.zeros(8), -torch.zeros(8))  # the float path rules on signed zeros
+    nan = torch.full((8,), float("nan"))
+    assert bitwise_equal(nan, nan.clone())
