@@ -1,6 +1,6 @@
 """Benchmark ct-convert against `cp -r` and compressed-tensors' own decompression.
 
-    python bench/run.py --layers 16            # ~4 GB synthetic Llama-3-8B-shaped W4A16 checkpoint
+    python bench/run.py --verify    # 24 Llama-3-8B layers, 30000-token vocabulary: 3.3 GB in 4 shards
 
 Reports, per target: wall time, input GB/s, the ratio to `cp -r` of the same checkpoint, and the
 peak RSS of the process; for the dense target the same for the library's own dequantizer
@@ -68,8 +68,8 @@ def warm(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=LLAMA3_8B["vocab"],
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--vocab", type=int, default=30000,
                     help="30000 keeps every module under 256 MB (Llama-3's 128256 makes the embedding 1 GB)")
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--targets", default="dense,awq,gptq,marlin")

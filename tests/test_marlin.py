@@ -91,6 +91,19 @@ def test_gptq_marlin_repack_from_library_packing(bits, shape):
         assert torch.equal(as_u32(got), closed_form(u, bits))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_from_stream_equals_the_tile_construction(shape):
+    """The writer's path from compressed-tensors `weight_packed` (row streams) to Marlin words."""
+    k, n = shape
+    gen = torch.Generator().manual_seed(k * 3 + n)
+    signed = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    got = ml.marlin_weights_from_stream(pack_lib.pack_to_int32(signed, 4))
+    u = signed.to(torch.int64).t() + 8
+    assert torch.equal(got, ml.marlin_weights(u, 4))
+    if k * n <= 128 * 256:
+        assert torch.equal(as_u32(got), closed_form(u, 4))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_act_order_repack_equals_reference_on_permuted_rows(bits):
     k, n, gs = 256, 128, 64
@@ -186,6 +199,8 @@ def test_shape_errors():
         ml.marlin_weights(torch.zeros(8, 64, dtype=torch.uint8), 4)
     with pytest.raises(ValueError):
         ml.weight_perm(3)
+    with pytest.raises(ValueError):
+        ml.marlin_weights_from_stream(torch.zeros(64, 3, dtype=torch.int32))
 
 
 def test_pack_lsb_on_a_transposed_single_row():

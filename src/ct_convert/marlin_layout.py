@@ -90,6 +90,29 @@ def marlin_weights(codes: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     return pack_lsb(values.reshape(k // TILE, n * TILE), bits)
 
 
+def marlin_weights_from_stream(stream: torch.Tensor) -> torch.Tensor:
+    """4-bit codes as row bit streams, int32 [N, K/8] (8 codes along K per word, LSB first, the
+    compressed-tensors packing) -> the same Marlin words as `marlin_weights(codes.t(), 4)`.
+
+    Code (n, k) with k = 16kt + 8h + 2c + e, n = 64nt + 16w + 8f + a sits in nibble e of byte c of
+    stream word 2kt + h, and goes to nibble h of byte 2e + f of word 16a + 4c + w of tile (kt, nt).
+    The two words h = 0, 1 are one int64: those move as whole units into tile order, then each
+    64-byte group is rearranged in cache; the codes are never unpacked to one byte each.
+    """
+    n, width = stream.shape
+    kt, nt = width // 2, n // 64
+    if width % 2 or n % 64:
+        raise ValueError(f"Marlin needs K % 16 == 0 and N % 64 == 0, got K={8 * width}, N={n}")
+    q = stream.contiguous().view(torch.int64).reshape(nt, 4, 2, 8, kt)  # [nt, w, f, a, kt]
+    b = q.permute(4, 0, 3, 1, 2).contiguous().view(torch.uint8).reshape(kt, nt, 8, 4, 2, 2, 4)  # [kt, nt, a, w, f, h, c]
+    lo = b[..., 0, :].permute(0, 1, 2, 5, 3, 4)  # h = 0: [kt, nt, a, c, w, f]
+    hi = b[..., 1, :].permute(0, 1, 2, 5, 3, 4)
+    out = torch.empty(kt, nt, 8, 4, 4, 2, 2, dtype=torch.uint8, device=stream.device)  # [kt, nt, a, c, w, e, f]
+    out[..., 0, :] = (lo & 0xF) | (hi << 4)
+    out[..., 1, :] = (lo >> 4) | (hi & 0xF0)
+    return out.reshape(kt, -1).view(torch.int32)
+
+
 def gptq_marlin_repack(qweight: torch.Tensor, perm: torch.Tensor | None, size_k: int, size_n: int, bits: int) -> torch.Tensor:
     """vLLM `gptq_marlin_repack`: GPTQ `qweight` int32 [K*bits/32, N] -> Marlin words."""
     codes = bitpack.unpack(qweight.t().contiguous(), bits, size_k)  # [N, K]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ct_convert.errors import UnsupportedConversion
-from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights
+from ct_convert import bitpack
+from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights_from_stream
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.writers.base import RepackOptions, WriteReport, register
@@ -56,8 +57,11 @@ class MarlinWriter(IntWeightWriter):
         require_plain_g_idx(qw, self.label)
         n, k = qw.shape
         scales = fp16_scales(qw, self.label)
+        stream = qw.packed_stream  # pack-quantized sources store exactly the stream: no unpacking
+        if stream is None:
+            stream = bitpack.pack(unsigned_codes(qw), 4)
         return {
-            "B": marlin_weights(unsigned_codes(qw).t(), 4),
+            "B": marlin_weights_from_stream(stream),
             "s": marlin_permute_scales(scales, k, n, qw.effective_group_size),
         }
 
