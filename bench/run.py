@@ -1,6 +1,6 @@
 """Benchmark ct-convert against `cp -r` and compressed-tensors' own decompression.
 
-    python bench/run.py --verify    # 24 Llama-3-8B layers, 30000-token vocabulary: 3.3 GB in 4 shards
+    python bench/run.py --verify    # 24 Llama-3-8B layers, 30000-token vocabulary: 3.2 GB in 3 shards
 
 Reports, per target: wall time, input GB/s, the ratio to `cp -r` of the same checkpoint, and the
 peak RSS of the process; for the dense target the same for the library's own dequantizer
