@@ -60,6 +60,21 @@ def test_q4_0_random_exact(n, k):
     assert torch.equal(got.double(), exact)
 
 
+@pytest.mark.parametrize("n,k", [(1, 32), (3, 96), (17, 256), (64, 128)])
+def test_q4_0_from_packed_streams(n, k):
+    """The writer's path from compressed-tensors `weight_packed` (the library packs) to Q4_0 bytes."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    codes, d = _case(n * k + 1, n, k, -8, 7)
+    stream = pack_to_int32(codes.to(torch.int8), 4)
+    got = blocks.q4_0_from_stream(stream, d)
+    assert torch.equal(got, blocks.q4_0(codes.to(torch.int8), d))
+    exact = codes.double() * d.double().repeat_interleave(32, dim=1)
+    assert torch.equal(deq(got, T.Q4_0).double(), exact)
+    stacked = blocks.q4_0_from_stream(stream.reshape(1, n, -1), d.reshape(1, n, -1))
+    assert torch.equal(stacked.reshape(n, -1), got)
+
+
 @pytest.mark.parametrize("n,k", [(1, 32), (5, 160), (32, 256)])
 def test_q5_0_asymmetric_exact(n, k):
     g = torch.Generator().manual_seed(k)

@@ -2,14 +2,17 @@
 
 import errno
 
+import pytest
+
 from conftest import FIXTURES
 
 
-def test_disk_full_mid_write(cli, tmp_path, monkeypatch):
-    import ct_convert.safetensors_out as so
+@pytest.mark.parametrize("fixture,target", [("w4a16-g128", "dense"), ("gguf/qwen3moe-w4a16", "gguf")])
+def test_disk_full_mid_write(cli, tmp_path, monkeypatch, fixture, target):
+    from ct_convert.sink import HashingSink
 
     calls = {"n": 0}
-    real = so.SafetensorsFileWriter._write
+    real = HashingSink._write
 
     def fill_up(self, data):
         calls["n"] += 1
@@ -17,9 +20,10 @@ def test_disk_full_mid_write(cli, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, data)
 
-    monkeypatch.setattr(so.SafetensorsFileWriter, "_write", lambda self, data: fill_up(self, data))
-    r = cli("repack", FIXTURES / "w4a16-g128", tmp_path / "out", "--target", "dense")
+    monkeypatch.setattr(HashingSink, "_write", fill_up)
+    r = cli("repack", FIXTURES / fixture, tmp_path / "out", "--target", target)
     assert r.code == 2 and "disk full" in r.err and str(tmp_path / "out") in r.err
+    assert calls["n"] > 3
     assert list(tmp_path.iterdir()) == []
 
 

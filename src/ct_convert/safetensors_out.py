@@ -1,27 +1,20 @@
 """Streaming safetensors output: the header is written from a plan, then tensors one at a time.
 
 Shards are planned before any data is produced (every writer can say the dtype and shape of what it
-will emit), so no shard is ever held in memory, and the sha256 of each file is computed as it is
-written, never by reading it back.
+will emit), so no shard is ever held in memory; a HashingSink writes and hashes in the background.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ct_convert.errors import OutputError
+from ct_convert.sink import HashingSink
 from ct_convert.tensorstore import DTYPE_NAMES
-
-
-MAX_PENDING = 3
 
 
 @dataclass(frozen=True)
@@ -64,8 +57,6 @@ class SafetensorsFileWriter:
         self.path = path
         self.specs = specs
         self._next = 0
-        self._sha = hashlib.sha256()
-        self.size = 0
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for s in specs:
@@ -73,34 +64,12 @@ class SafetensorsFileWriter:
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        try:
-            self._f = open(path, "wb")
-        except OSError as e:
-            raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
-        # writing and hashing release the GIL: two background threads do them side by side while
-        # the caller computes the next tensors; at most MAX_PENDING buffers wait, bounding memory
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-write")
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-hash")
-        self._pending: deque[tuple[Future, Future]] = deque()
-        self._submit(len(raw).to_bytes(8, "little") + raw)
+        self._sink = HashingSink.create(path)
+        self._sink.write(len(raw).to_bytes(8, "little") + raw)
 
-    def _write(self, data) -> None:
-        try:
-            self._f.write(data)
-        except OSError as e:
-            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
-
-    def _submit(self, data) -> None:
-        while len(self._pending) >= MAX_PENDING:
-            for f in self._pending.popleft():
-                f.result()
-        self.size += len(data)
-        self._pending.append((self._io.submit(self._write, data), self._hasher.submit(self._sha.update, data)))
-
-    def _drain(self) -> None:
-        while self._pending:
-            for f in self._pending.popleft():
-                f.result()
+    @property
+    def size(self) -> int:
+        return self._sink.size
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[self._next]
@@ -110,26 +79,12 @@ class SafetensorsFileWriter:
                 f"planned {spec.name} {spec.dtype} {list(spec.shape)}"
             )
         self._next += 1
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._submit(memoryview(data))
+        self._sink.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def close(self) -> str:
         if self._next != len(self.specs):
             raise RuntimeError(f"internal error: {self.path.name} got {self._next} of {len(self.specs)} planned tensors")
-        try:
-            self._drain()
-            self._f.close()
-        except OSError as e:
-            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
-        finally:
-            self._io.shutdown()
-            self._hasher.shutdown()
-        return self._sha.hexdigest()
+        return self._sink.finish()[0]
 
     def abort(self) -> None:
-        for pair in self._pending:
-            for f in pair:
-                f.cancel()
-        self._io.shutdown(wait=True)
-        self._hasher.shutdown(wait=True)
-        self._f.close()
+        self._sink.abort()

@@ -8,6 +8,7 @@ gguf-py (tensor infos first, data in the same order), stacked MoE experts one ex
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 
 from ct_convert.errors import UnsupportedConversion
-from ct_convert.output import sha256_file
+from ct_convert.parallel import ordered_map
 from ct_convert.qweight import ModuleInfo
+from ct_convert.sink import HashingSink
 from ct_convert.writers.base import Progress, RepackOptions, WriteReport, register
 from ct_convert.writers.gguf import arch as A
 from ct_convert.writers.gguf import blocks, mapping, vocab
@@ -89,20 +91,26 @@ class GGUFWriter:
             w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=gguf.GGMLQuantizationType[e.ggml])
         path = out / f"{OUTPUT_STEM}.gguf"
         files = w.format_shard_names(path)
-        shards = [list(t) for t in w.tensors]
         by_name = {e.name: e for e in layout.entries}
+        shards = [[by_name[n] for n in names] for names in w.tensors]
+        # every part of every tensor, in file order, computed up to `workers` ahead of the writer
+        jobs = [(e, part) for entries in shards for e in entries for part in (e.parts or [None])]
+        chunks = ordered_map(lambda job: _chunk(reader, *job), jobs, opts.workers)
+        w.open_output_file(path)
+        sinks = w.fout = [HashingSink(f, file) for f, file in zip(w.fout, files)]  # gguf-py writes through these
         try:
             w.write_header_to_file(path)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            for i, (file, names) in enumerate(zip(files, shards)):
-                for n in names:
-                    w.write_tensor_data(_Stream(by_name[n].nbytes, _chunks(reader, by_name[n], progress)))
-                w.fout[i].flush()
-                sha, size = sha256_file(file)
-                report.files[file.name] = {"sha256": sha, "size": size}
-        finally:
-            w.close()
+            for sink, entries in zip(sinks, shards):
+                for e in entries:
+                    w.write_tensor_data(_Stream(e.nbytes, itertools.islice(chunks, len(e.parts) or 1), progress))
+                sha, size = sink.finish()
+                report.files[sink.path.name] = {"sha256": sha, "size": size}
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
         _report(layout, report, voc, len(files))
         return report
 
@@ -256,38 +264,36 @@ def _file_type(entries: list[Entry]) -> int | None:
 class _Stream:
     """Duck-typed array for `GGUFWriter.write_tensor_data`: writes its chunks one after another."""
 
-    def __init__(self, nbytes: int, chunks: Iterator[torch.Tensor]):
+    def __init__(self, nbytes: int, chunks: Iterator[tuple[torch.Tensor, int]], progress: Progress):
         self.nbytes = nbytes
         self._chunks = chunks
+        self._progress = progress
 
     def tofile(self, fp) -> None:
         written = 0
-        for chunk in self._chunks:
+        for chunk, source_bytes in self._chunks:
             data = chunk.contiguous().view(torch.uint8).reshape(-1).numpy()
             fp.write(memoryview(data))
             written += data.nbytes
+            self._progress(source_bytes)
         if written != self.nbytes:
             raise AssertionError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
 
 
-def _chunks(reader, e: Entry, progress: Progress) -> Iterator[torch.Tensor]:
+def _chunk(reader, e: Entry, part: str | None) -> tuple[torch.Tensor, int]:
+    """One part of a GGUF tensor (a module, a carried tensor or one expert) and its source bytes."""
     if e.kind == "constant":
-        yield e.constant.to(torch.float32)
-        return
+        return e.constant.to(torch.float32), 0
     rows = None
     if e.heads is not None:
         rows = A.rope_rows(e.shape[-2] if len(e.shape) > 1 else e.shape[0], e.heads)
-    for s in e.parts:
-        if e.kind == "tensor":
-            t = reader.get(s).to(mapping.TORCH_OF[e.ggml])
-            if rows is not None:
-                t = t.index_select(-2 if t.dim() > 1 else 0, rows)
-            progress(reader.store.meta(s).nbytes)
-            yield t
-        else:
-            qw = reader.read(s)
-            yield mapping.encode(qw, e.ggml, rows)
-            progress(sum(reader.store.meta(t).nbytes for t in qw.info.tensors.values()))
+    if e.kind == "tensor":
+        t = reader.get(part).to(mapping.TORCH_OF[e.ggml])
+        if rows is not None:
+            t = t.index_select(-2 if t.dim() > 1 else 0, rows)
+        return t, reader.store.meta(part).nbytes
+    qw = reader.read(part)
+    return mapping.encode(qw, e.ggml, rows), sum(reader.store.meta(t).nbytes for t in qw.info.tensors.values())
 
 
 def _report(layout: Layout, report: WriteReport, voc: vocab.Vocab, n_files: int) -> None:

@@ -52,6 +52,25 @@ def q4_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return _rows(torch.cat([_fp16_bytes(d), qs], dim=-1))
 
 
+def q4_0_from_stream(stream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q4_0 straight from compressed-tensors 4-bit row streams int32 [..., N, K/8] (u = q + 8, two
+    codes per byte, element 2i low): the same bytes as `q4_0(q, d)` without unpacking a code.
+
+    With lo / hi the first / second 8 bytes of a block, ggml's byte 2m holds elements 2m and 2m + 16
+    (the low nibbles of lo[m] and hi[m]) and byte 2m + 1 elements 2m + 1 and 2m + 17 (their high nibbles).
+    """
+    *lead, n, width = stream.shape
+    nb = width // 4
+    by = stream.contiguous().view(torch.uint8).reshape(*lead, n, nb, 2, 8)
+    lo, hi = by[..., 0, :], by[..., 1, :]
+    out = torch.empty(*lead, n, nb, BLOCK_BYTES["Q4_0"], dtype=torch.uint8, device=stream.device)
+    out[..., :2] = _fp16_bytes(d)
+    qs = out[..., 2:].unflatten(-1, (8, 2))
+    torch.bitwise_or(lo & 0xF, hi << 4, out=qs[..., 0])
+    torch.bitwise_or(lo >> 4, hi & 0xF0, out=qs[..., 1])
+    return _rows(out)
+
+
 def q5_0(diff: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """q − zp in [-16, 15] -> Q5_0; value (q5 − 16)·d with q5 split in 4 low bits and a bit-plane."""
     q5 = _blocks((diff.to(torch.int16) + 16).to(torch.uint8), QK)

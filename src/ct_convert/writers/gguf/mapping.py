@@ -131,8 +131,11 @@ def encode(qw: QuantizedWeight, ggml: str, rows: torch.Tensor | None = None) -> 
     d = r(block_scales(qw))
     if qw.encoding is Encoding.FP6:
         return blocks.q8_0(r(qw.code_values() * 8).to(torch.int8), d)
-    codes = r(qw.codes)
     zp = qw.group_zero_points()
+    stream = qw.packed_stream if ggml == "Q4_0" and zp is None else None
+    if stream is not None and stream.shape[-1] * 8 == qw.in_features:
+        return blocks.q4_0_from_stream(r(stream), d)
+    codes = r(qw.codes)
     if zp is not None:
         codes = codes.to(torch.int16) - r(zp).to(torch.int16).index_select(-1, qw.column_groups())
     if ggml == "Q4_0":
