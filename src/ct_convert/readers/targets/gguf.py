@@ -8,6 +8,7 @@ NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it,
 
 from __future__ import annotations
 
+import mmap
 import re
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class GGUFOutput:
         except (OSError, ValueError) as e:
             raise InputError(f"{folder}: unreadable GGUF ({e})") from None
         self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        self._maps = {t.name: r.data._mmap for r in self.readers for t in r.tensors}
         head = self.readers[0]
         self.arch = self._field(head, "general.architecture")
         arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[self.arch]
@@ -72,10 +74,19 @@ class GGUFOutput:
         if t is None:
             return None
         value = self._values(t, expert)
+        self._release(t)
         heads = {"attn_q": self.n_head, "attn_k": self.n_head_kv}.get(t.name.split(".")[2] if t.name.startswith("blk.") else "")
         if self.arch == "llama" and heads:
             value = _unpermute(value, heads)
         return value
+
+    def _release(self, t) -> None:
+        """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
+        page of the memory-mapped file stays resident and the process grows to the file's size."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        self._maps[t.name].madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
     def _values(self, t, expert: int | None) -> torch.Tensor:
         qtype = gguf.GGMLQuantizationType(t.tensor_type)

@@ -147,14 +147,14 @@ class TRTLLMOutput:
         return self.sm
 
     def _awq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
-        # int8 [N/2, K]: byte (j, k) holds channel 2j in its low nibble, 2j+1 in its high nibble
-        b = w.to(torch.int16) & 0xFF
-        lo = b & 0xF
-        hi = b >> 4
-        codes = torch.stack((lo, hi), dim=1).reshape(-1, w.shape[1])
-        codes = torch.where(codes > 7, codes - 16, codes).to(torch.float32)
+        # int8 [N/2, K]: byte (j, k) holds channel 2j in its low nibble, 2j+1 in its high nibble,
+        # both signed: shifting them to the top of an int8 and back sign-extends them
+        lo = (w.view(torch.uint8) << 4).view(torch.int8) >> 4
+        codes = torch.stack((lo, w >> 4), dim=1).reshape(-1, w.shape[1])  # [N, K]
+        n, k = codes.shape
         scale = self._get(r, f"{name}.weights_scaling_factor").to(torch.float32)  # [N, G]
-        return codes * scale.repeat_interleave(self.group_size, dim=1)
+        values = codes.to(torch.float32).reshape(n, -1, self.group_size)
+        return values.mul_(scale.unsqueeze(-1)).reshape(n, k)
 
     def _gptq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
         """The plugin computes s*scale + zero with zero = (8 - z)*scale rounded to the model dtype.
@@ -171,9 +171,9 @@ class TRTLLMOutput:
         offset = torch.round(z32 / torch.where(s32 == 0, torch.ones_like(s32), s32))
         if not torch.equal((offset * s32).to(zero.dtype), zero):
             offset = z32 / s32
-        full_s = s32.repeat_interleave(self.group_size, dim=0)
-        full_o = offset.repeat_interleave(self.group_size, dim=0)
-        return ((codes + full_o) * full_s).t().contiguous()
+        values = codes.reshape(-1, self.group_size, n)  # [G, gs, N]: one scale and offset per group
+        values.add_(offset.unsqueeze(1)).mul_(s32.unsqueeze(1))
+        return values.reshape(k, n).t().contiguous()
 
     # -- carried tensors -----------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor | None:
