@@ -39,7 +39,10 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
         if bits == 8:
             out = by
         elif bits == 4:
-            out = torch.stack((by & 0xF, by >> 4), dim=-1).reshape(*lead, -1)
+            out = torch.empty(*by.shape, 2, dtype=torch.uint8, device=words.device)
+            torch.bitwise_and(by, 0xF, out=out[..., 0])
+            torch.bitwise_right_shift(by, 4, out=out[..., 1])
+            out = out.reshape(*lead, -1)
         else:
             per = 8 // bits
             shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
