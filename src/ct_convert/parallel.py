@@ -9,17 +9,33 @@ from typing import Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Working memory allowed to items in flight: with many cores, `workers` large modules at once could
+# need more memory than the machine has; one item always runs, whatever its size.
+IN_FLIGHT_BYTES = 1 << 30
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """Yield fn(item) in order, with at most `workers` items computed ahead (which bounds memory)."""
+
+def ordered_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    cost: Callable[[T], int] = lambda item: 0,
+    budget: int = IN_FLIGHT_BYTES,
+) -> Iterator[R]:
+    """Yield fn(item) in order, computing ahead at most `workers` items whose estimated working
+    memory `cost` adds up to at most `budget` bytes (bounding memory whatever the core count)."""
     if workers <= 1:
         yield from map(fn, items)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
+        in_flight = 0
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= workers:
-                yield pending.popleft().result()
+            c = cost(item)
+            while pending and (len(pending) >= workers or in_flight + c > budget):
+                future, done_cost = pending.popleft()
+                in_flight -= done_cost
+                yield future.result()
+            pending.append((pool.submit(fn, item), c))
+            in_flight += c
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()

@@ -8,6 +8,7 @@ dominant cost of verification). Anything else, or any difference, is compared de
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
             return ModuleResult(name, 0.0, 0.0, True, True)
         return _compare_dequantized(name, source, out_reader, atol)
 
+    per_weight = out_reader.working_bytes_per_weight
     results = []
-    for result in ordered_map(module, reader.modules, workers):
+    for result in ordered_map(module, reader.modules, workers, cost=lambda m: per_weight * math.prod(reader.modules[m].shape)):
         results.append(result)
         progress(sum(reader.store.meta(t).nbytes for t in reader.modules[result.module].tensors.values()))
     for t in reader.passthrough():

@@ -158,7 +158,7 @@ class HFWriter:
                 produced = self.convert(qw, opts)
             return {f"{it.module}.{k}": v for k, v in produced.items()}
 
-        return ordered_map(run, items, workers)
+        return ordered_map(run, items, workers, cost=lambda it: it.source_bytes + sum(s.nbytes for s in it.specs))
 
     def _config(self, reader, out: Path, opts: RepackOptions, report: WriteReport) -> None:
         config = json.loads(json.dumps(reader.config))

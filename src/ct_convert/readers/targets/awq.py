@@ -30,6 +30,7 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
 
 class AWQOutput(HFOutputReader):
     kind = "awq"
+    working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
     def decode(self, module: str) -> GroupCodes | None:
         if f"{module}.qweight" not in self.store:

@@ -15,6 +15,7 @@ from ct_convert.tensorstore import TensorStore
 
 class OutputReader(Protocol):
     kind: str
+    working_bytes_per_weight: int  # memory a comparison of one module needs, per weight
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         """The module's weight as the target's consumer would compute it, or None if absent."""
@@ -100,6 +101,7 @@ class HFOutputReader:
     """A folder of safetensors shards; modules written dense (fallbacks) are read as `.weight`."""
 
     kind = ""
+    working_bytes_per_weight = 8  # the weight in the model dtype, read and recomputed, or float32 fallbacks
 
     def __init__(self, folder: Path):
         self.folder = folder

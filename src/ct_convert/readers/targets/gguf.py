@@ -34,6 +34,7 @@ class GGUFKind:
 
 class GGUFOutput:
     kind = "gguf"
+    working_bytes_per_weight = 16  # float32 of both sides plus the dequantizers' temporaries
 
     def __init__(self, folder: Path):
         self.files = sorted(folder.glob("*.gguf"))

@@ -14,6 +14,7 @@ from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_me
 
 class GPTQOutput(HFOutputReader):
     kind = "gptq"
+    working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
     def decode(self, module: str) -> GroupCodes | None:
         if f"{module}.qweight" not in self.store:

@@ -47,6 +47,7 @@ def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
 
 class MarlinOutput(HFOutputReader):
     kind = "marlin"
+    working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
     def decode(self, module: str) -> GroupCodes | None:
         if f"{module}.B" not in self.store:

@@ -73,6 +73,7 @@ def undo_mixed_gemm(data: torch.Tensor, k: int, n: int, bits: int, sm: int) -> t
 
 class TRTLLMOutput:
     kind = "trtllm"
+    working_bytes_per_weight = 16  # float32 of both sides plus the dequantizers' temporaries
 
     def __init__(self, folder: Path):
         self.folder = folder

@@ -95,7 +95,7 @@ class GGUFWriter:
         shards = [[by_name[n] for n in names] for names in w.tensors]
         # every part of every tensor, in file order, computed up to `workers` ahead of the writer
         jobs = [(e, part) for entries in shards for e in entries for part in (e.parts or [None])]
-        chunks = ordered_map(lambda job: _chunk(reader, *job), jobs, opts.workers)
+        chunks = ordered_map(lambda job: _chunk(reader, *job), jobs, opts.workers, cost=lambda job: _part_bytes(reader, *job))
         w.open_output_file(path)
         sinks = w.fout = [HashingSink(f, file) for f, file in zip(w.fout, files)]  # gguf-py writes through these
         try:
@@ -278,6 +278,15 @@ class _Stream:
             self._progress(source_bytes)
         if written != self.nbytes:
             raise AssertionError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
+
+
+def _part_bytes(reader, e: Entry, part: str | None) -> int:
+    """Working memory of one part: its source bytes and the float32 of its weight (codes, fallbacks)."""
+    if part is None:
+        return 0
+    if e.kind == "tensor":
+        return 2 * reader.store.meta(part).nbytes
+    return 4 * math.prod(reader.modules[part].shape)
 
 
 def _chunk(reader, e: Entry, part: str | None) -> tuple[torch.Tensor, int]:
