@@ -19,11 +19,14 @@ CASES = [
     ("w4a16-asym-channel", "gptq"),
     ("w4a16-asym-g128", "awq"),
     ("marlin-ok-w4a16", "marlin"),
+    ("w4a16-g128", "gguf"),  # llama: Q/K rows in rope order, Q4_0 blocks of 32 under groups of 128
+    ("w8a16-g128", "gguf"),  # Q8_0
+    ("gguf/qwen3moe-w4a16", "gguf"),  # stacked experts, one expert a module
 ]
 
 
 def _repack(cli, tmp_path, fixture, target):
-    out = tmp_path / f"{fixture}-{target}"
+    out = tmp_path / f"{fixture.replace('/', '-')}-{target}"
     assert cli("repack", FIXTURES / fixture, out, "--target", target, "--no-verify", "-q").code == 0
     return open_checkpoint(resolve(str(FIXTURES / fixture), None)), out
 
@@ -38,6 +41,8 @@ def test_faithful_outputs_match_in_the_code_domain(cli, tmp_path, fixture, targe
         decoded = out_reader.decode(name)
         assert decoded is not None, name
         assert same_codes(reader.read(name), decoded), name
+        # the decoded integer form means what the layout's reference dequantizer says it means
+        assert torch.equal(out_reader.decode(name).dequantize(), out_reader.dequantize(name).to(torch.float32)), name
 
 
 def _flip(path, tensor, index, xor):
@@ -68,6 +73,28 @@ def test_a_changed_code_zero_or_scale_is_found(cli, tmp_path, fixture, target, s
     bad = [r for r in compare(reader, out_reader) if not r.ok]
     assert [r.module for r in bad] == [module]
     assert bad[0].max_abs_error > 0
+
+
+@pytest.mark.parametrize("byte", [3, 0])  # a code nibble (qs[1]); the low byte of the fp16 scale d
+def test_a_changed_gguf_block_is_found(cli, tmp_path, byte):
+    import gguf
+    import numpy as np
+
+    reader, out = _repack(cli, tmp_path, "w4a16-g128", "gguf")
+    module = "model.layers.0.mlp.down_proj"
+    path = out / "model.gguf"
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    assert gguf.GGMLQuantizationType(t.tensor_type).name == "Q4_0"
+    with open(path, "r+b") as f:
+        f.seek(int(t.data_offset) + 18 * 5 + byte)
+        old = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([old ^ (0x10 if byte > 1 else 0x01)]))
+    out_reader = open_output(out)
+    assert not same_codes(reader.read(module), out_reader.decode(module))
+    bad = [r for r in compare(reader, out_reader) if not r.ok]
+    assert [r.module for r in bad] == [module]
+    assert np.isfinite(bad[0].max_abs_error) and bad[0].max_abs_error > 0
 
 
 def test_a_permuted_group_index_is_found(cli, tmp_path):

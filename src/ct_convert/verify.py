@@ -79,17 +79,25 @@ def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
     n, k = source.shape
     offset = 1 << (scheme.num_bits - 1)
     scales = source.group_scales()  # [N, G]
+    zp = source.group_zero_points()
+    zeros = torch.full_like(scales, offset, dtype=torch.int16) if zp is None else zp.to(torch.int16) + offset
+    groups = out.scales.shape[0]
+    if out.cols is None and groups != scales.shape[1]:
+        # finer output groups (GGUF blocks of 32) over contiguous source groups: repeat the source's
+        r = groups // scales.shape[1]
+        uniform = source.num_groups * source.effective_group_size == k and source.has_trivial_g_idx()
+        if r * scales.shape[1] != groups or k % groups or not uniform:
+            return False
+        scales, zeros = scales.repeat_interleave(r, dim=1), zeros.repeat_interleave(r, dim=1)
+    elif groups > 1:
+        cols = out.cols if out.cols is not None else torch.arange(k) // max(1, k // groups)
+        if not torch.equal(cols.to(torch.int64), source.column_groups()):
+            return False
     if tuple(out.scales.shape) != (scales.shape[1], n):
         return False
     if not torch.equal(out.scales.to(torch.float32), scales.t().to(torch.float32)):
         return False
-    zp = source.group_zero_points()
-    zeros = torch.full_like(scales, offset, dtype=torch.int16) if zp is None else zp.to(torch.int16) + offset
     if not torch.equal(out.zeros.to(torch.int16), zeros.t()):
-        return False
-    groups = out.scales.shape[0]
-    cols = out.cols if out.cols is not None else torch.arange(k) // max(1, k // groups)
-    if groups > 1 and not torch.equal(cols.to(torch.int64), source.column_groups()):
         return False
     packed = source.packed_stream if out.stream is not None else None
     if packed is not None and bitwise_equal(out.stream, packed):

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import register
+from ct_convert.readers.targets.base import GroupCodes, register
 
 _EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 _BLOCK_TYPES = {"Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4"}
+_INT_BLOCKS = {"Q4_0": (18, 8), "Q8_0": (34, 128)}  # block bytes, the unsigned code of zero
 
 
 @register("gguf")
@@ -34,7 +35,7 @@ class GGUFKind:
 
 class GGUFOutput:
     kind = "gguf"
-    working_bytes_per_weight = 16  # float32 of both sides plus the dequantizers' temporaries
+    working_bytes_per_weight = 8  # Q4_0 / Q8_0 compare as codes; other blocks need float32 of both sides
 
     def __init__(self, folder: Path):
         self.files = sorted(folder.glob("*.gguf"))
@@ -64,8 +65,29 @@ class GGUFOutput:
             return None, None
         return self.tensors[name], (int(m[2]) if m else None)
 
-    def decode(self, module: str) -> None:
-        return None  # block formats: compared dequantized
+    def decode(self, module: str) -> GroupCodes | None:
+        """Q4_0 / Q8_0 blocks as codes, the implicit zero point (8 / 128) and one fp16 scale per 32
+        columns (gguf.md §2.1, §2.3): Q4_0 byte j holds element j (low nibble) and j + 16."""
+        t, expert = self._locate(f"{module}.weight")
+        if t is None:
+            return None
+        qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+        if qtype not in _INT_BLOCKS:
+            return None
+        size, zero = _INT_BLOCKS[qtype]
+        raw = torch.from_numpy(np.array(t.data if expert is None else t.data[expert]))  # a copy of [N, row bytes]
+        self._release(t)
+        n = raw.shape[0]
+        blocks = self._rope_order(t, raw.reshape(n, -1, size))
+        scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, -1).t()
+        qs = blocks[..., 2:]
+
+        def unpack() -> torch.Tensor:
+            if qtype == "Q8_0":
+                return (qs.contiguous().view(torch.int8) ^ -128).view(torch.uint8).reshape(n, -1)  # q + 128
+            return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
+
+        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales)
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         return self.tensor(f"{module}.weight")
@@ -76,10 +98,14 @@ class GGUFOutput:
             return None
         value = self._values(t, expert)
         self._release(t)
+        return self._rope_order(t, value)
+
+    def _rope_order(self, t, rows: torch.Tensor) -> torch.Tensor:
+        """Undo llama's Q/K row permutation (rows of values or of whole blocks alike)."""
         heads = {"attn_q": self.n_head, "attn_k": self.n_head_kv}.get(t.name.split(".")[2] if t.name.startswith("blk.") else "")
         if self.arch == "llama" and heads:
-            value = _unpermute(value, heads)
-        return value
+            return _unpermute(rows, heads)
+        return rows
 
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
