@@ -22,18 +22,19 @@ CASES = [
     ("w4a16-g128", "gguf"),  # llama: Q/K rows in rope order, Q4_0 blocks of 32 under groups of 128
     ("w8a16-g128", "gguf"),  # Q8_0
     ("gguf/qwen3moe-w4a16", "gguf"),  # stacked experts, one expert a module
+    ("w4a16-g128", "trtllm"),  # W4A16_AWQ: fused q/k/v rows
 ]
 
 
-def _repack(cli, tmp_path, fixture, target):
+def _repack(cli, tmp_path, fixture, target, *opts):
     out = tmp_path / f"{fixture.replace('/', '-')}-{target}"
-    assert cli("repack", FIXTURES / fixture, out, "--target", target, "--no-verify", "-q").code == 0
+    assert cli("repack", FIXTURES / fixture, out, "--target", target, "--no-verify", "-q", *opts).code == 0
     return open_checkpoint(resolve(str(FIXTURES / fixture), None)), out
 
 
-@pytest.mark.parametrize("fixture,target", CASES)
-def test_faithful_outputs_match_in_the_code_domain(cli, tmp_path, fixture, target):
-    reader, out = _repack(cli, tmp_path, fixture, target)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_faithful_outputs_match_in_the_code_domain(cli, tmp_path, case):
+    reader, out = _repack(cli, tmp_path, *case)
     out_reader = open_output(out)
     quantized = [m for m, info in reader.modules.items() if info.is_quantized]
     assert quantized
@@ -45,10 +46,35 @@ def test_faithful_outputs_match_in_the_code_domain(cli, tmp_path, fixture, targe
         assert torch.equal(out_reader.decode(name).dequantize(), out_reader.dequantize(name).to(torch.float32)), name
 
 
+def test_trtllm_ranks_are_put_back_together_in_the_code_domain(cli, tmp_path):
+    """--tp-size 2: column-parallel ranks split rows, row-parallel ranks split K (and its groups)."""
+    from test_trtllm_tp import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", "sym-g128", "LlamaForCausalLM")
+    out = tmp_path / "out"
+    assert cli("repack", src, out, "--target", "trtllm", "--tp-size", "2", "--no-verify", "-q").code == 0
+    reader, out_reader = open_checkpoint(resolve(str(src), None)), open_output(out)
+    assert out_reader.tp == 2 and out_reader.algo == "W4A16_AWQ"
+    for name, info in reader.modules.items():
+        if info.is_quantized and name != "lm_head":
+            assert same_codes(reader.read(name), out_reader.decode(name)), name
+            assert torch.equal(out_reader.decode(name).dequantize(), out_reader.dequantize(name)), name
+
+
+@pytest.mark.parametrize("tensor,xor", [("weight", 0x08), ("weights_scaling_factor", 0x1)])
+def test_a_changed_trtllm_code_or_scale_is_found(cli, tmp_path, tensor, xor):
+    reader, out = _repack(cli, tmp_path, "w4a16-g128", "trtllm")
+    _flip(out / "rank0.safetensors", f"transformer.layers.0.mlp.proj.{tensor}", 7, xor)
+    out_reader = open_output(out)
+    module = "model.layers.0.mlp.down_proj"
+    assert not same_codes(reader.read(module), out_reader.decode(module))
+    assert [r.module for r in compare(reader, out_reader) if not r.ok] == [module]
+
+
 def _flip(path, tensor, index, xor):
     tensors = load_file(path)
     t = tensors[tensor]
-    (t.view(torch.int16) if t.dtype == torch.float16 else t).view(-1)[index] ^= xor
+    (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).view(-1)[index] ^= xor
     save_file(tensors, path, metadata={"format": "pt"})
 
 

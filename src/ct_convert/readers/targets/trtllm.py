@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import register
+from ct_convert.readers.targets.base import GroupCodes, register
 from ct_convert.tensorstore import TensorStore, read_header
 
 SM_METADATA_KEY = "ct_convert.sm"  # safetensors __metadata__ key: the GPU layout a rank file holds
@@ -73,7 +73,6 @@ def undo_mixed_gemm(data: torch.Tensor, k: int, n: int, bits: int, sm: int) -> t
 
 class TRTLLMOutput:
     kind = "trtllm"
-    working_bytes_per_weight = 16  # float32 of both sides plus the dequantizers' temporaries
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -84,6 +83,8 @@ class TRTLLMOutput:
         self.algo = q.get("quant_algo")
         self.group_size = q.get("group_size")
         self.sm = _sm_from_metadata(folder)
+        # W4A16_AWQ compares as codes; the other layouts need float32 of both sides and temporaries
+        self.working_bytes_per_weight = 8 if self.algo == "W4A16_AWQ" else 16
         heads, kv = self.config["num_attention_heads"], self.config.get("num_key_value_heads") or self.config["num_attention_heads"]
         d = self.config["head_size"]
         self.qkv_rows = (heads * d // self.tp, kv * d // self.tp, kv * d // self.tp)
@@ -99,27 +100,49 @@ class TRTLLMOutput:
         return store.get(name) if name in store else None
 
     # -- weights -------------------------------------------------------------------------------
-    def decode(self, module: str) -> None:
-        return None  # weights may be split over ranks and fused: compared dequantized
+    def decode(self, module: str) -> GroupCodes | None:
+        """W4A16_AWQ modules as codes, zero point 8 and scales; other layouts are compared dequantized."""
+        if self.algo != "W4A16_AWQ":
+            return None
+        gathered = self._gather(module, self._rank_awq_codes)
+        if gathered is None:
+            return None
+        (codes, scales), dim = gathered
+        u, s = torch.cat(codes, dim=dim), torch.cat(scales, dim=dim)
+        return GroupCodes(lambda: u, torch.full((s.shape[1], s.shape[0]), 8, dtype=torch.int16), s.t())
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         if module == "lm_head":
             return self._cat_rows("lm_head.weight")
+        gathered = self._gather(module, self._rank_weight)
+        if gathered is None:
+            return None
+        (shards,), dim = gathered
+        return torch.cat(shards, dim=dim)
+
+    def _gather(self, module: str, per_rank):
+        """`per_rank(rank, trt_name)` (a tensor or a tuple of them) for every rank, rows of fused q/k/v
+        cut out: (one tuple of per-rank pieces per tensor, the dimension ranks split), or None."""
         m = _MODULE.match(module)
         if m is None:
             return None
         trt, parallel, part = _LINEARS[m.group(2)]
         name = f"transformer.layers.{m.group(1)}.{trt}"
-        shards = []
+        pieces = []
         for r in range(self.tp):
-            w = self._rank_weight(r, name)
-            if w is None:
+            got = per_rank(r, name)
+            if got is None:
                 return None
+            got = (got,) if torch.is_tensor(got) else got
             if trt == "attention.qkv":
                 start = sum(self.qkv_rows[:part])
-                w = w[start:start + self.qkv_rows[part]]
-            shards.append(w)
-        return torch.cat(shards, dim=0 if parallel == "column" else 1)
+                got = tuple(t[start:start + self.qkv_rows[part]] for t in got)
+            pieces.append(got)
+        return tuple(zip(*pieces)), 0 if parallel == "column" else 1
+
+    def _rank_awq_codes(self, r: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        w = self._get(r, f"{name}.weight")
+        return self._awq_codes(r, name, w) if w is not None and w.dtype == torch.int8 else None
 
     def _rank_weight(self, r: int, name: str) -> torch.Tensor | None:
         """One rank's weight [n, k]: float as stored, or float32 values of a quantized layout."""
@@ -147,15 +170,19 @@ class TRTLLMOutput:
                              f"and its rank files' metadata ({SM_METADATA_KEY}) does not say which")
         return self.sm
 
+    def _awq_codes(self, r: int, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unsigned codes uint8 [N, K] and scales [N, G] of a W4A16_AWQ weight, int8 [N/2, K]: byte
+        (j, k) holds channel 2j in its low nibble and 2j+1 in its high one, both signed int4, and a
+        signed nibble plus 8 is that nibble with its top bit flipped."""
+        b = w.view(torch.uint8)
+        u = torch.stack(((b & 0xF) ^ 8, (b >> 4) ^ 8), dim=1).reshape(-1, w.shape[1])
+        return u, self._get(r, f"{name}.weights_scaling_factor")
+
     def _awq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
-        # int8 [N/2, K]: byte (j, k) holds channel 2j in its low nibble, 2j+1 in its high nibble,
-        # both signed: shifting them to the top of an int8 and back sign-extends them
-        lo = (w.view(torch.uint8) << 4).view(torch.int8) >> 4
-        codes = torch.stack((lo, w >> 4), dim=1).reshape(-1, w.shape[1])  # [N, K]
-        n, k = codes.shape
-        scale = self._get(r, f"{name}.weights_scaling_factor").to(torch.float32)  # [N, G]
-        values = codes.to(torch.float32).reshape(n, -1, self.group_size)
-        return values.mul_(scale.unsqueeze(-1)).reshape(n, k)
+        u, scale = self._awq_codes(r, name, w)
+        n, k = u.shape
+        values = u.to(torch.float32).sub_(8).reshape(n, -1, self.group_size)
+        return values.mul_(scale.to(torch.float32).unsqueeze(-1)).reshape(n, k)
 
     def _gptq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
         """The plugin computes s*scale + zero with zero = (8 - z)*scale rounded to the model dtype.
