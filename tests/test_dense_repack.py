@@ -120,10 +120,15 @@ def test_online_transforms_are_refused(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_output_is_byte_identical_across_runs_and_worker_counts(cli, tmp_path):
+@pytest.mark.parametrize(
+    "fixture,target",
+    [("moe-w4a16", "dense"), ("w4a16-asym-g128", "awq"), ("marlin-ok-w4a16", "marlin"),
+     ("gguf/qwen3moe-w4a16", "gguf"), ("w4a16-g128", "trtllm")],
+)
+def test_output_is_byte_identical_across_runs_and_worker_counts(cli, tmp_path, fixture, target):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert cli("repack", FIXTURES / "moe-w4a16", a, "--target", "dense", "--workers", "1", "-q").code == 0
-    assert cli("repack", FIXTURES / "moe-w4a16", b, "--target", "dense", "--workers", "3", "-q").code == 0
+    assert cli("repack", FIXTURES / fixture, a, "--target", target, "--workers", "1", "-q").code == 0
+    assert cli("repack", FIXTURES / fixture, b, "--target", target, "--workers", "3", "-q").code == 0
     for p in a.iterdir():
         assert p.read_bytes() == (b / p.name).read_bytes() or p.name == "ct-convert.json"
     ma = json.loads((a / "ct-convert.json").read_text())
