@@ -1,8 +1,12 @@
 """Verification in the code domain: taken for faithful integer outputs, and never blind to a change
 that alters a dequantized weight (each such change falls through to the float comparison)."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
@@ -145,3 +149,52 @@ def test_bitwise_equal():
     assert not bitwise_equal(torch.zeros(8), -torch.zeros(8))  # the float path rules on signed zeros
     nan = torch.full((8,), float("nan"))
     assert bitwise_equal(nan, nan.clone())
+
+
+_FLIP_CASES = {"gptq": ("w4a16-asym-g128", ("qweight", "qzeros", "scales")),
+               "awq": ("w4a16-asym-g128", ("qweight", "qzeros", "scales")),
+               "marlin": ("marlin-ok-w4a16", ("B", "s"))}
+@pytest.fixture(scope="module")
+def flip_outputs(tmp_path_factory):
+    """One repacked output per target, shared by the hypothesis examples (built on first use)."""
+    from ct_convert.writers import RepackOptions, writer_for
+
+    cache = {}
+
+    def get(target: str):
+        if target not in cache:
+            fixture, _ = _FLIP_CASES[target]
+            out = tmp_path_factory.mktemp(f"flip-{target}")
+            reader = open_checkpoint(resolve(str(FIXTURES / fixture), None))
+            writer_for(target).write(reader, out, RepackOptions(target=target, device="cpu", workers=1), lambda n: None)
+            cache[target] = (reader, out)
+        return cache[target]
+
+    return get
+
+
+@given(target=st.sampled_from(sorted(_FLIP_CASES)), pick=st.integers(0, 10**9), bit=st.integers(0, 7))
+@settings(max_examples=int(os.environ.get("CT_FUZZ_EXAMPLES", "150")) // 3, deadline=None, derandomize=True)
+def test_no_single_bit_flip_in_a_quantized_tensor_goes_unseen(flip_outputs, target, pick, bit):
+    """Whatever code, zero point or scale bit of whichever module changes, verification names that module."""
+    from ct_convert.readers.targets.base import open_store
+
+    reader, out = flip_outputs(target)
+    store = open_store(out)
+    names = sorted(n for n in store.names if n.rsplit(".", 1)[1] in _FLIP_CASES[target][1])
+    name = names[pick % len(names)]
+    meta = store.meta(name)
+    store.close()
+    where = meta.data_start + meta.offsets[0] + (pick // len(names)) % meta.nbytes
+    with open(meta.file, "r+b") as f:
+        f.seek(where)
+        old = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([old ^ (1 << bit)]))
+        f.flush()
+        try:
+            bad = [r.module for r in compare(reader, open_output(out)) if not r.ok]
+        finally:
+            f.seek(where)
+            f.write(bytes([old]))
+    assert bad == [name.rsplit(".", 1)[0]]
