@@ -18,6 +18,7 @@ from ct_convert import bitpack
 
 TILE = 16  # rows and columns of one tensor-core tile
 CHUNK = 1024  # values per 16x64 Marlin tile: the span of the weight permutation
+_LOW_NIBBLES, _HIGH_NIBBLES = 0x0F0F0F0F, 0xF0F0F0F0 - (1 << 32)  # int32 masks
 # FasterTransformer register interleave applied to each packed word (also AutoAWQ's nibble order)
 INTERLEAVE = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
 
@@ -96,21 +97,26 @@ def marlin_weights_from_stream(stream: torch.Tensor) -> torch.Tensor:
 
     Code (n, k) with k = 16kt + 8h + 2c + e, n = 64nt + 16w + 8f + a sits in nibble e of byte c of
     stream word 2kt + h, and goes to nibble h of byte 2e + f of word 16a + 4c + w of tile (kt, nt).
-    The two words h = 0, 1 are one int64: those move as whole units into tile order, then each
-    64-byte group is rearranged in cache; the codes are never unpacked to one byte each.
+    The two words h = 0, 1 are one int64 and move as a unit into tile order; then, per (a, w), the
+    nibbles of h = 0 and h = 1 are merged into four words y[2e + f] whose byte c belongs to output
+    word c: a 4x4 byte transpose (two rounds of masked swaps) finishes the job, all on whole words.
     """
     n, width = stream.shape
     kt, nt = width // 2, n // 64
     if width % 2 or n % 64:
         raise ValueError(f"Marlin needs K % 16 == 0 and N % 64 == 0, got K={8 * width}, N={n}")
     q = stream.contiguous().view(torch.int64).reshape(nt, 4, 2, 8, kt)  # [nt, w, f, a, kt]
-    b = q.permute(4, 0, 3, 1, 2).contiguous().view(torch.uint8).reshape(kt, nt, 8, 4, 2, 2, 4)  # [kt, nt, a, w, f, h, c]
-    lo = b[..., 0, :].permute(0, 1, 2, 5, 3, 4)  # h = 0: [kt, nt, a, c, w, f]
-    hi = b[..., 1, :].permute(0, 1, 2, 5, 3, 4)
-    out = torch.empty(kt, nt, 8, 4, 4, 2, 2, dtype=torch.uint8, device=stream.device)  # [kt, nt, a, c, w, e, f]
-    out[..., 0, :] = (lo & 0xF) | (hi << 4)
-    out[..., 1, :] = (lo >> 4) | (hi & 0xF0)
-    return out.reshape(kt, -1).view(torch.int32)
+    words = q.permute(4, 0, 3, 1, 2).contiguous().view(torch.int32).reshape(kt, nt, 8, 4, 2, 2)  # [kt, nt, a, w, f, h]
+    y = []
+    for e in range(2):
+        for f in range(2):
+            h0, h1 = words[..., f, 0], words[..., f, 1]
+            y.append((h0 & _LOW_NIBBLES) | ((h1 & _LOW_NIBBLES) << 4) if e == 0 else ((h0 >> 4) & _LOW_NIBBLES) | (h1 & _HIGH_NIBBLES))
+    for (i, j), shift, mask in (((0, 2), 16, 0xFFFF), ((1, 3), 16, 0xFFFF), ((0, 1), 8, 0x00FF00FF), ((2, 3), 8, 0x00FF00FF)):
+        t = ((y[i] >> shift) ^ y[j]) & mask  # arithmetic-shift sign bits fall outside the mask
+        y[j] = y[j] ^ t
+        y[i] = y[i] ^ (t << shift)
+    return torch.stack(y, dim=3).reshape(kt, -1)  # [kt, nt, a, c, w]: word 16a + 4c + w of each tile
 
 
 def gptq_marlin_repack(qweight: torch.Tensor, perm: torch.Tensor | None, size_k: int, size_n: int, bits: int) -> torch.Tensor:
