@@ -35,7 +35,7 @@ class GGUFKind:
 
 class GGUFOutput:
     kind = "gguf"
-    working_bytes_per_weight = 8  # Q4_0 / Q8_0 compare as codes; other blocks need float32 of both sides
+    working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
 
     def __init__(self, folder: Path):
         self.files = sorted(folder.glob("*.gguf"))
@@ -115,6 +115,17 @@ class GGUFOutput:
         start = t.data_offset - t.data_offset % mmap.PAGESIZE
         self._maps[t.name].madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
+    def _copy(self, t, data: np.ndarray) -> np.ndarray:
+        """A writable copy of a memory-mapped tensor, made a band at a time with the mapped pages
+        released after each band, so the copy and the mapping are never both resident."""
+        out = np.empty(data.shape, dtype=data.dtype)
+        src, dst = data.reshape(-1), out.reshape(-1)
+        step = max(1, (64 << 20) // max(1, data.itemsize))
+        for i in range(0, src.size, step):
+            dst[i:i + step] = src[i:i + step]
+            self._release(t)
+        return out
+
     def _values(self, t, expert: int | None) -> torch.Tensor:
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         data = t.data if expert is None else t.data[expert]
@@ -126,10 +137,10 @@ class GGUFOutput:
                 value = (value * torch.tensor(factor, dtype=torch.float32)).to(torch.bfloat16)
             return value
         if qtype.name == "BF16":
-            raw = np.array(data).view(np.int16)  # a copy: the memory map is read-only
+            raw = self._copy(t, data).view(np.int16)
             return torch.from_numpy(raw).view(torch.bfloat16).reshape(_element_shape(t, expert))
         if qtype.name in ("F16", "F32"):
-            return torch.from_numpy(np.array(data)).reshape(_element_shape(t, expert))
+            return torch.from_numpy(self._copy(t, data)).reshape(_element_shape(t, expert))
         raise InputError(f"{t.name}: GGUF type {qtype.name} is not one ct-convert writes")
 
 
