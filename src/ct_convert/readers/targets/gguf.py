@@ -44,7 +44,8 @@ class GGUFOutput:
         except (OSError, ValueError) as e:
             raise InputError(f"{folder}: unreadable GGUF ({e})") from None
         self.tensors = {t.name: t for r in self.readers for t in r.tensors}
-        self._maps = {t.name: r.data._mmap for r in self.readers for t in r.tensors}
+        # np.memmap keeps its mmap object private; without it pages are simply not released early
+        self._maps = {t.name: getattr(r.data, "_mmap", None) for r in self.readers for t in r.tensors}
         head = self.readers[0]
         self.arch = self._field(head, "general.architecture")
         arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[self.arch]
@@ -110,7 +111,7 @@ class GGUFOutput:
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
         page of the memory-mapped file stays resident and the process grows to the file's size."""
-        if not hasattr(mmap, "MADV_DONTNEED"):
+        if not hasattr(mmap, "MADV_DONTNEED") or self._maps[t.name] is None:
             return
         start = t.data_offset - t.data_offset % mmap.PAGESIZE
         self._maps[t.name].madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
