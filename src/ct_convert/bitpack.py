@@ -39,10 +39,7 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
         if bits == 8:
             out = by
         elif bits == 4:
-            out = torch.empty(*by.shape, 2, dtype=torch.uint8, device=words.device)
-            torch.bitwise_and(by, 0xF, out=out[..., 0])
-            torch.bitwise_right_shift(by, 4, out=out[..., 1])
-            out = out.reshape(*lead, -1)
+            out = split_nibbles(by)
         else:
             per = 8 // bits
             shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
@@ -69,6 +66,15 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
         val = (w[..., word] >> off) | (w[..., word + 1] << (32 - off))
         out[..., i] = (val & mask).to(torch.uint8)
     return out.reshape(*lead, groups * 32)[..., :count].contiguous()
+
+
+def split_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., C] -> uint8 [..., 2C]: element 2j in the low nibble of byte j, 2j+1 in the high
+    (written straight into the output: no stacked temporaries)."""
+    out = torch.empty(*packed.shape, 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0xF, out=out[..., 0])
+    torch.bitwise_right_shift(packed, 4, out=out[..., 1])
+    return out.reshape(*packed.shape[:-1], -1)
 
 
 def pack(codes: torch.Tensor, bits: int, layout: str = STREAM) -> torch.Tensor:

@@ -30,17 +30,6 @@ def e8m0_to_float(exponents: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(ones, exponents.to(torch.int32) - 127)
 
 
-def split_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., C] -> uint8 [..., 2C]: element 2j in the low nibble of byte j, 2j+1 in the high."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
-
-
-def join_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 2C] -> uint8 [..., C], the inverse of split_nibbles."""
-    c = codes.reshape(*codes.shape[:-1], -1, 2)
-    return (c[..., 0] | (c[..., 1] << 4)).to(torch.uint8)
-
-
 def unpack_fp6(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3C/4] -> uint8 [..., C]: four 6-bit codes per 3 little-endian bytes."""
     b = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ct_convert import floatcodes
+from ct_convert import bitpack
 from ct_convert.errors import InputError
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
 from ct_convert.readers.formats.base import ModuleTensors, check_rank, register
@@ -50,5 +50,5 @@ class NVFP4Decoder:
             info=info,
             scale=scale,
             global_scale=gs,
-            _codes=lambda: floatcodes.split_nibbles(mt.get("weight_packed"))[..., :k].contiguous(),
+            _codes=lambda: bitpack.split_nibbles(mt.get("weight_packed"))[..., :k].contiguous(),
         )

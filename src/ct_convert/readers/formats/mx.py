@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 
-from ct_convert import floatcodes
+from ct_convert import bitpack, floatcodes
 from ct_convert.errors import InputError
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
 from ct_convert.readers.formats.base import ModuleTensors, check_rank, register
 
 # payload tensor, its dtype, encoding, K per stored column (as a fraction), unpacker
 _LAYOUTS = {
-    "mxfp4-pack-quantized": ("weight_packed", "U8", Encoding.FP4, (2, 1), floatcodes.split_nibbles),
+    "mxfp4-pack-quantized": ("weight_packed", "U8", Encoding.FP4, (2, 1), bitpack.split_nibbles),
     "mxfp6-pack-quantized": ("weight_packed", "U8", Encoding.FP6, (4, 3), floatcodes.unpack_fp6),
     "mxfp8-quantized": ("weight", "F8_E4M3", Encoding.FP8, (1, 1), None),
 }
