@@ -76,8 +76,7 @@ class GGUFOutput:
         if qtype not in _INT_BLOCKS:
             return None
         size, zero = _INT_BLOCKS[qtype]
-        raw = torch.from_numpy(np.array(t.data if expert is None else t.data[expert]))  # a copy of [N, row bytes]
-        self._release(t)
+        raw = torch.from_numpy(self._copy(t, t.data if expert is None else t.data[expert]))  # [N, row bytes]
         n = raw.shape[0]
         blocks = self._rope_order(t, raw.reshape(n, -1, size))
         scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, -1).t()
