@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, register
+from ct_convert.readers.targets.base import GroupCodes, dequantize_groups, register
 from ct_convert.tensorstore import TensorStore, read_header
 
 SM_METADATA_KEY = "ct_convert.sm"  # safetensors __metadata__ key: the GPU layout a rank file holds
@@ -176,13 +176,14 @@ class TRTLLMOutput:
         signed nibble plus 8 is that nibble with its top bit flipped."""
         b = w.view(torch.uint8)
         u = torch.stack(((b & 0xF) ^ 8, (b >> 4) ^ 8), dim=1).reshape(-1, w.shape[1])
-        return u, self._get(r, f"{name}.weights_scaling_factor")
+        scale = self._get(r, f"{name}.weights_scaling_factor")
+        if scale is None or scale.shape != (u.shape[0], u.shape[1] // self.group_size) or u.shape[1] % self.group_size:
+            raise InputError(f"{name}.weights_scaling_factor: does not fit weight {list(u.shape)} with group_size {self.group_size}")
+        return u, scale
 
     def _awq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
         u, scale = self._awq_codes(r, name, w)
-        n, k = u.shape
-        values = u.to(torch.float32).sub_(8).reshape(n, -1, self.group_size)
-        return values.mul_(scale.to(torch.float32).unsqueeze(-1)).reshape(n, k)
+        return dequantize_groups(u, torch.full(scale.shape, 8, dtype=torch.int16).t(), scale.t())
 
     def _gptq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
         """The plugin computes s*scale + zero with zero = (8 - z)*scale rounded to the model dtype.
