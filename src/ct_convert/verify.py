@@ -17,10 +17,8 @@ import torch
 from ct_convert.output import sha256_file
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
-from ct_convert.readers.targets.base import GroupCodes
+from ct_convert.readers.targets.base import BAND_BYTES, GroupCodes
 from ct_convert.source import load_json
-
-BAND_BYTES = 64 << 20
 
 
 @dataclass

@@ -35,6 +35,8 @@ class ReaderKind(Protocol):
 
 OUTPUT_READERS: dict[str, ReaderKind] = {}
 
+BAND_BYTES = 64 << 20  # large tensors are copied and compared this many bytes at a time
+
 
 def register(kind: str):
     def deco(cls):

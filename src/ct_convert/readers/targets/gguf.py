@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, register
+from ct_convert.readers.targets.base import BAND_BYTES, GroupCodes, register
 
 _EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 _BLOCK_TYPES = {"Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4"}
@@ -120,7 +120,7 @@ class GGUFOutput:
         released after each band, so the copy and the mapping are never both resident."""
         out = np.empty(data.shape, dtype=data.dtype)
         src, dst = data.reshape(-1), out.reshape(-1)
-        step = max(1, (64 << 20) // max(1, data.itemsize))
+        step = max(1, BAND_BYTES // max(1, data.itemsize))
         for i in range(0, src.size, step):
             dst[i:i + step] = src[i:i + step]
             self._release(t)
