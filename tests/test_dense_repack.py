@@ -93,15 +93,15 @@ def test_dtype_option_is_applied_and_recorded(cli, tmp_path):
     assert open_store(out).meta("model.layers.0.mlp.down_proj.weight").dtype == "F16"
 
 
-def test_existing_output_is_refused_without_force(cli, tmp_path):
+def test_existing_output_is_refused_without_force_and_replaced_with_it(cli, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert cli("repack", FIXTURES / "w4a16-g128", out, "--target", "awq", "-q").code == 0
     r = cli("repack", FIXTURES / "w4a16-g128", out, "--target", "dense")
     assert r.code == 2 and "already exists" in r.err and "--force" in r.err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert json.loads((out / "ct-convert.json").read_text())["target"] == "awq"
     r = cli("repack", FIXTURES / "w4a16-g128", out, "--target", "dense", "--force", "-q")
-    assert r.code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert r.code == 0 and (out / "model.safetensors").exists()
+    assert json.loads((out / "ct-convert.json").read_text())["target"] == "dense"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

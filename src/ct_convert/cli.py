@@ -95,12 +95,12 @@ def inspect(
 @app.command()
 def repack(
     source: str = typer.Argument(..., help="Checkpoint folder, .safetensors file, or Hugging Face repo id."),
-    output: Path = typer.Argument(..., help="Output folder (must not exist, unless --force)."),
+    output: str = typer.Argument(..., help="Output folder (must not exist, unless --force)."),
     target: Target = typer.Option(..., "--target", "-t", help="Layout to write."),
     dtype: Optional[DType] = typer.Option(None, "--dtype", help="dtype of scales and unquantized tensors (default: what the target requires, else the source's)."),
     device: Device = typer.Option(Device.auto, "--device", help="Where repacking runs; auto uses CUDA when available."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing OUTPUT."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUTPUT that is an earlier ct-convert output or empty."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Re-read the output and compare it with the source."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Modules converted in parallel (default: number of cores)."),
     keep_unsupported: Optional[Keep] = typer.Option(None, "--keep-unsupported", help="Write modules the target cannot hold dequantized (dense) instead of refusing."),

@@ -28,7 +28,13 @@ class Checkpoint:
     revision: str | None = None
     weight_files: list[Path] = field(default_factory=list)
     boundary: Path | None = None  # where symlinks may point: the folder itself, or a Hub cache repo
+    single_file: bool = False  # SOURCE named one .safetensors file, not its folder
 
+
+    def protected_paths(self) -> list[Path]:
+        """What an OUTPUT must never be, hold or lie in: SOURCE as the user named it, and its Hub cache repo."""
+        own = list(self.weight_files) if self.single_file else [self.root]
+        return own + ([self.boundary] if self.boundary else [])
 
     def other_files(self) -> list[Path]:
         """Files to copy into an output folder unchanged: everything but weights, relative to root."""
@@ -39,7 +45,10 @@ class Checkpoint:
             skip.add(self.config_file.resolve())
         out = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            # hidden folders and earlier ct-convert outputs (OUTPUT once lay inside SOURCE) never travel
+            dirnames[:] = sorted(
+                d for d in dirnames if not d.startswith(".") and not os.path.lexists(os.path.join(dirpath, d, "ct-convert.json"))
+            )
             for fn in sorted(filenames):
                 p = Path(dirpath) / fn
                 if fn.startswith(".") or fn.endswith(".safetensors") or fn.endswith(".safetensors.index.json"):
@@ -96,7 +105,9 @@ def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
                 f"{root}: no config.json, and the safetensors metadata holds no quantization_config",
                 hint="Put the model's config.json beside the weights.",
             )
-    return Checkpoint(source, root, config, config_file, store, index, weight_files=files, boundary=boundary)
+    return Checkpoint(
+        source, root, config, config_file, store, index, weight_files=files, boundary=boundary, single_file=path.is_file()
+    )
 
 
 def find_index(root: Path) -> Path | None:

@@ -18,14 +18,14 @@ from ct_convert.writers import RepackOptions, writer_for
 from ct_convert.writers.base import WriteReport
 
 
-def repack(source: str, output: Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
+def repack(source: str, output: str | Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
     started = time.monotonic()
     writer = writer_for(opts.target)
     ckpt = resolve(source, revision)
+    folder = OutputFolder(output, force, ckpt.protected_paths())
     reader = open_checkpoint(ckpt)
     writer.check(reader, opts)  # refusals before anything is created
     total = reader.store.total_bytes()
-    folder = OutputFolder(output, force)
     with folder as tmp:
         with console.progress_bar(f"repack → {opts.target}", total, show_progress) as advance:
             report = writer.write(reader, tmp, opts, advance)
