@@ -87,9 +87,6 @@ class Targets:
         """An ignore list also names modules by their weight (`lm_head.weight`)."""
         return self.matches(module) or f"{module}.weight" in self.exact
 
-    def __bool__(self) -> bool:
-        return bool(self.exact or self.patterns)
-
 
 class GroupTargets:
     """The exact-name and pattern targets of every config group, indexed once for all modules."""
