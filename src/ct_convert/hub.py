@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ct_convert import jsonfile
 from ct_convert.errors import InputError
 from ct_convert.tensorstore import DTYPES, HeaderIndex, TensorMeta
 
@@ -112,16 +113,13 @@ class RemoteStore(HeaderIndex):
 
 
 def _remote_headers(repo_id: str, revision: str | None):
-    import json
-
     from huggingface_hub import hf_hub_download
 
     from ct_convert.source import Checkpoint
 
     config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{repo_id}/config.json: invalid JSON: {e}") from None
+    config = jsonfile.parse(config_path.read_bytes(), f"{repo_id}/config.json")
+    if not isinstance(config, dict):
+        raise InputError(f"{repo_id}/config.json: expected a JSON object")
     store = RemoteStore(repo_id, revision)
     return Checkpoint(repo_id, store.root, config, None, store, None, revision=revision, weight_files=[])

@@ -39,7 +39,8 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = -1
-    if unit not in units or value <= 0:
+    # float() also reads "inf" and "nan", and "1e-9" would round down to no bytes at all
+    if unit not in units or not math.isfinite(value) or value * units[unit] < 1:
         raise ValueError(f"invalid size {text!r} (examples: 5GB, 500MB, 2GiB)")
     return int(value * units[unit])
 

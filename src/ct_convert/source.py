@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ct_convert import jsonfile
 from ct_convert.errors import InputError
-from ct_convert.tensorstore import TensorStore, inside
+from ct_convert.jsonfile import load_json
+from ct_convert.tensorstore import MAX_TENSORS, TensorStore, inside
 
 CONFIG_NAMES = ("config.json", "params.json")
 # weight files of other formats that never travel into an output folder
@@ -123,31 +124,33 @@ def read_index(root: Path, index: Path, boundary: Path | None = None) -> tuple[l
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise InputError(f"{index}: no weight_map in the index")
+    if len(wm) > MAX_TENSORS:
+        raise InputError(
+            f"{index}: weight_map lists {len(wm)} tensors, more than the {MAX_TENSORS} ct-convert reads in one checkpoint"
+        )
     weight_map: dict[str, Path] = {}
+    shards: dict[str, Path] = {}  # each distinct file name is checked once, however many tensors it holds
     for name, rel in wm.items():
-        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, outside the checkpoint folder")
-        file = index.parent / rel
-        if not inside(boundary or root, file):
-            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which leaves the checkpoint folder")
-        if not file.is_file():
-            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which does not exist")
+        file = shards.get(rel) if isinstance(rel, str) else None
+        if file is None:
+            file = shards[rel] = _shard(root, index, boundary, name, rel)
         weight_map[name] = file
     files = sorted(set(weight_map.values()))
     return files, weight_map
 
 
-def load_json(path: Path) -> dict:
+def _shard(root: Path, index: Path, boundary: Path | None, name: str, rel) -> Path:
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise InputError(f"{index}: tensor {name!r} points to {rel!r}, outside the checkpoint folder")
+    file = index.parent / rel
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
+        if not inside(boundary or root, file):
+            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which leaves the checkpoint folder")
+        if not file.is_file():
+            raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which does not exist")
+    except OSError as e:  # a name too long for the file system, a loop of symlinks
+        raise InputError(f"{index}: tensor {name!r} points to a file that cannot be opened ({e.strerror or e})") from None
+    return file
 
 
 def _config_from_metadata(store: TensorStore, files: list[Path]) -> dict:
@@ -155,10 +158,7 @@ def _config_from_metadata(store: TensorStore, files: list[Path]) -> dict:
         md = store.metadata.get(f) or {}
         for key in ("config", "quantization_config"):
             if key in md:
-                try:
-                    value = json.loads(md[key])
-                except (TypeError, json.JSONDecodeError):
-                    raise InputError(f"{f}: metadata {key!r} is not valid JSON") from None
+                value = jsonfile.parse(md[key], f"{f}: metadata {key!r}")
                 if isinstance(value, dict):
                     return value if key == "config" else {"quantization_config": value}
     return {}

@@ -10,7 +10,6 @@ pages to the kernel's page cache. Reading one module touches only its tensors.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -18,9 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ct_convert import jsonfile
 from ct_convert.errors import InputError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+# Tensors in one checkpoint, all shards together: twice the largest published MoE checkpoints
+# (Kimi-K2-class, 384 experts x 60 layers x 3 projections x 4 tensors, about 280k). A header at the
+# 100 MB limit can describe over 10^6 tiny tensors, each costing per-tensor work in every phase.
+MAX_TENSORS = 2**19
+MAX_RANK = 8
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
@@ -64,8 +69,12 @@ class TensorMeta:
         return math.prod(self.shape)
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
-    """Parse and validate one safetensors header: (tensors, __metadata__)."""
+def read_header(path: Path, max_tensors: int = MAX_TENSORS) -> tuple[dict[str, TensorMeta], dict]:
+    """Parse and validate one safetensors header: (tensors, __metadata__).
+
+    Parsing stops once the header has built more objects than `max_tensors` entries need (what is
+    left of the checkpoint's MAX_TENSORS), so a header of 10^6 tiny tensors is refused after a
+    bounded part of it was read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -80,19 +89,40 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
             raw = f.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    with jsonfile.gc_paused():
+        return _parse_header(path, raw, 8 + n, size - 8 - n, max_tensors)
+
+
+def _parse_header(path: Path, raw: bytes, data_start: int, data_len: int, max_tensors: int):
+    too_many = InputError(
+        f"{path}: the header describes more tensors than the {MAX_TENSORS} ct-convert reads in one checkpoint",
+        hint="Real checkpoints, the largest MoE models included, hold far fewer; this file is not a model.",
+    )
+    # Every entry spells this key; elsewhere the token can only be a string value or the end of a
+    # string after an escaped quote, neither of which a real header holds. Counting it refuses an
+    # oversized header in milliseconds, where parsing up to the limit takes seconds; a header that
+    # escapes the key's letters (data\u005foffsets) still stops at `max_objects` below.
+    if raw.count(b'"data_offsets"') > max_tensors:
+        raise too_many
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header: {e}") from None
+        # one object per tensor, plus the header itself and __metadata__
+        header = jsonfile.parse(raw, f"{path}: corrupt safetensors header", max_objects=max_tensors + 2, check_depth=False)
+    except jsonfile.TooManyObjects:
+        raise too_many from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header: not a JSON object")
-    data_len = size - 8 - n
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InputError(f"{path}: __metadata__ is not a JSON object")
+    if len(header) > max_tensors:
+        raise too_many
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: __metadata__ is not a JSON object of strings")
+    for key, value in metadata.items():
+        _check_text(path, f"__metadata__ key {key!r}", key)
+        _check_text(path, f"__metadata__ value of {key!r}", value)
     tensors: dict[str, TensorMeta] = {}
     for name, entry in header.items():
-        tensors[name] = _check_entry(path, name, entry, data_len, 8 + n)
+        _check_text(path, f"tensor name {name!r}", name)
+        tensors[name] = _check_entry(path, name, entry, data_len, data_start)
     # safetensors requires the tensors to tile the data section exactly, in offset order
     end = 0
     for (start, stop), name in sorted((m.offsets, name) for name, m in tensors.items()):
@@ -106,16 +136,25 @@ def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict]:
     return tensors, metadata
 
 
+def _check_text(path: Path, what: str, text: str) -> None:
+    """JSON can spell a lone UTF-16 surrogate (\\ud800) that no UTF-8 file name or tensor name can hold;
+    safetensors refuses such headers, and so does this reader."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{path}: {what} is not valid Unicode (a lone UTF-16 surrogate)") from None
+
+
 def _check_entry(path: Path, name: str, entry, data_len: int, data_start: int) -> TensorMeta:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: header entry is not an object")
     dtype = entry.get("dtype")
     if dtype not in DTYPES:
-        raise InputError(f"{where}: unsupported dtype {dtype!r}")
+        raise InputError(f"{where}: unsupported dtype {_short(dtype)}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InputError(f"{where}: invalid shape {shape!r}")
+    if not isinstance(shape, list) or not _valid_shape(shape):
+        raise InputError(f"{where}: invalid shape {_short(shape)}")
     offs = entry.get("data_offsets")
     if (
         not isinstance(offs, list)
@@ -123,7 +162,7 @@ def _check_entry(path: Path, name: str, entry, data_len: int, data_start: int) -
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
         or not 0 <= offs[0] <= offs[1]
     ):
-        raise InputError(f"{where}: invalid data_offsets {offs!r}")
+        raise InputError(f"{where}: invalid data_offsets {_short(offs)}")
     if offs[1] > data_len:
         raise InputError(f"{where}: data_offsets {offs} run past the end of the file (truncated?)")
     expected = math.prod(shape) * DTYPES[dtype][1]
@@ -132,6 +171,26 @@ def _check_entry(path: Path, name: str, entry, data_len: int, data_start: int) -
             f"{where}: {offs[1] - offs[0]} bytes stored but dtype {dtype} with shape {shape} needs {expected}"
         )
     return TensorMeta(path, dtype, tuple(shape), (offs[0], offs[1]), data_start)
+
+
+def _valid_shape(shape: list) -> bool:
+    """Non-negative integer dimensions whose running product stays inside int64, as safetensors
+    (checked multiplication) and torch require: [2**64, 0] holds no bytes but no tensor can have it."""
+    if len(shape) > MAX_RANK:
+        return False
+    elements = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < 2**63:
+            return False
+        elements *= d
+        if elements >= 2**63:
+            return False
+    return True
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class HeaderIndex:
@@ -166,7 +225,7 @@ class TensorStore(HeaderIndex):
         self.metadata: dict[Path, dict] = {}
         self._meta: dict[str, TensorMeta] = {}
         for file in files:
-            tensors, md = read_header(file)
+            tensors, md = read_header(file, MAX_TENSORS - len(self._meta))
             self.metadata[file] = md
             for name, meta in tensors.items():
                 if name in self._meta:

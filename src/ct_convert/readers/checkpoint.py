@@ -15,7 +15,7 @@ from ct_convert.errors import InputError
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers import config as cfg
 from ct_convert.readers.formats import ModuleTensors, decoder_for
-from ct_convert.readers.matching import class_candidates, explicit_match, is_ignored, name_matches
+from ct_convert.readers.matching import Clock, GroupTargets, Targets, class_candidates
 from ct_convert.readers.sparse import SparseStore
 from ct_convert.source import Checkpoint
 
@@ -120,7 +120,7 @@ def open_checkpoint(ckpt: Checkpoint) -> CompressedTensorsCheckpoint:
         raise InputError(f"{where}: malformed quantization_config ({type(e).__name__}: {e})") from None
     store = SparseStore(ckpt.store)
     reader = CompressedTensorsCheckpoint(ckpt, qconfig, key, store, _model_dtype(ckpt.config, store))
-    _discover(reader)
+    _discover(reader, Clock(where))
     return reader
 
 
@@ -138,7 +138,7 @@ def _model_dtype(config: dict, store) -> torch.dtype:
     return torch.bfloat16
 
 
-def _discover(r: CompressedTensorsCheckpoint) -> None:
+def _discover(r: CompressedTensorsCheckpoint, clock: Clock) -> None:
     store, qc = r.store, r.qconfig
     by_module: dict[str, dict[str, str]] = {}
     for name in store.names:
@@ -152,15 +152,18 @@ def _discover(r: CompressedTensorsCheckpoint) -> None:
     names = frozenset(candidates)
     weight_groups = [g for g in qc.groups if g.weights is not None]
     classes = class_candidates(weight_groups, names)
+    explicit = GroupTargets(weight_groups, clock)
+    ignore = Targets(qc.ignore, clock)
+    sparsity = _SparsityTargets(qc.sparsity, clock)
     r.online_transforms = _online_transforms(qc, store.names)
     for p in candidates:
         tensors = {s: n for s, n in by_module[p].items() if s in WEIGHT_PARAMS | ACTIVATION_PARAMS}
         sparse = store.sparse_structure(f"{p}.weight")
         inferred = infer_format(store, tensors)
         quantized = inferred != "dense"
-        group, how = explicit_match(p, weight_groups, names)
-        ignored = is_ignored(p, qc.ignore)
-        if sparse and not quantized and not _sparsity_targets(p, qc, store.meta(f"{p}.weight").shape):
+        group, how = explicit.explicit_match(p)
+        ignored = ignore.ignores(p)
+        if sparse and not quantized and not sparsity.targets_module(p, store.meta(f"{p}.weight").shape):
             # <= 0.8 bitmask-compressed every tensor, whatever the config targeted: a storage detail
             sparse = None
         if not quantized and not sparse:
@@ -187,7 +190,7 @@ def _discover(r: CompressedTensorsCheckpoint) -> None:
         fmt = _resolve_format(p, group, qc, inferred, sparse, r.warnings)
         mt = ModuleTensors(p, tensors, store, group, qc, r.model_dtype)
         info = decoder_for(fmt).describe(mt, fmt)
-        info.sparsity = sparse or info.sparsity or _declared_sparsity(p, qc)
+        info.sparsity = sparse or info.sparsity or sparsity.declared(p)
         info.group = group.name if group else None
         if group is not None and group.input_activations is not None:
             info.input_activations = group.input_activations.as_json()
@@ -196,26 +199,33 @@ def _discover(r: CompressedTensorsCheckpoint) -> None:
         r._owned.update(n for s, n in tensors.items() if s in WEIGHT_PARAMS)
 
 
-def _declared_sparsity(p: str, qc: cfg.QuantizationConfig) -> str | None:
-    """A `dense` sparsity_config only declares that stored weights follow a pattern (e.g. 2:4)."""
-    sc = qc.sparsity
-    if sc is None or sc.structure in ("unstructured", "0:0"):
-        return None
-    if sc.targets and not any(name_matches(p, t) for t in sc.targets) and not _class_only(sc.targets):
-        return None
-    if any(name_matches(p, t) for t in sc.ignore):
-        return None
-    return sc.structure
+class _SparsityTargets:
+    """The sparsity_config's targets and ignore list, compiled once."""
 
+    def __init__(self, sc: cfg.SparsityConfig | None, clock: Clock):
+        self.sc = sc
+        self.targets = Targets(sc.targets if sc else (), clock)
+        self.ignore = Targets(sc.ignore if sc else (), clock)
 
-def _sparsity_targets(p: str, qc: cfg.QuantizationConfig, shape) -> bool:
-    sc = qc.sparsity
-    if sc is None or len(shape) < 2 or any(name_matches(p, t) for t in sc.ignore):
-        return False
-    if not sc.targets or any(name_matches(p, t) for t in sc.targets):
-        return True
-    # class targets: "Linear" does not cover embeddings
-    return _class_only(sc.targets) and ("embed" not in p.rsplit(".", 1)[-1] or any("Embedding" in t for t in sc.targets))
+    def declared(self, p: str) -> str | None:
+        """A `dense` sparsity_config only declares that stored weights follow a pattern (e.g. 2:4)."""
+        sc = self.sc
+        if sc is None or sc.structure in ("unstructured", "0:0"):
+            return None
+        if sc.targets and not self.targets.matches(p) and not _class_only(sc.targets):
+            return None
+        if self.ignore.matches(p):
+            return None
+        return sc.structure
+
+    def targets_module(self, p: str, shape) -> bool:
+        sc = self.sc
+        if sc is None or len(shape) < 2 or self.ignore.matches(p):
+            return False
+        if not sc.targets or self.targets.matches(p):
+            return True
+        # class targets: "Linear" does not cover embeddings
+        return _class_only(sc.targets) and ("embed" not in p.rsplit(".", 1)[-1] or any("Embedding" in t for t in sc.targets))
 
 
 def _class_only(targets) -> bool:

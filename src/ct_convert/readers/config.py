@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ct_convert.errors import InputError
 from ct_convert.qweight import WeightScheme
+from ct_convert.tensorstore import MAX_TENSORS
 
 QUANT_METHODS = {"compressed-tensors", "sparseml"}
 # The values of compressed-tensors' QuantizationStrategy, QuantizationType and CompressionFormat
@@ -25,6 +26,12 @@ FORMATS = {
     "mxfp6-pack-quantized", "mxfp8-quantized",
 }
 NO_STORAGE_FORMATS = {None, "mixed-precision", "dense", "fakequant"}
+# `re:` targets are matched against every module (matching.py): real configs carry a handful. Counted
+# repetitions are expanded when a pattern is compiled, so their nested counts are bounded too.
+MAX_PATTERNS = 1024
+MAX_PATTERN_CHARS = 1024
+MAX_REPEAT_PRODUCT = 10_000
+_COUNTED_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,7 @@ def parse(qc: dict, where: str = "config.json") -> QuantizationConfig:
         version=str(qc["version"]) if qc.get("version") is not None else None,
         format=fmt,
         groups=groups,
-        ignore=[str(i) for i in _typed(qc.get("ignore") or [], list, f"{where}: ignore")],
+        ignore=list(_targets(qc.get("ignore") or [], f"{where}: ignore")),
         kv_cache_scheme=parse_args(kv, f"{where}: kv_cache_scheme") if isinstance(kv, dict) else None,
         sparsity=sparsity,
         transform_config=_typed(qc.get("transform_config") or {}, dict, f"{where}: transform_config"),
@@ -152,6 +159,39 @@ def _typed(value, kind: type, where: str):
     return value
 
 
+def _targets(value, where: str) -> tuple[str, ...]:
+    """A list of module names, class names and `re:` patterns, bounded before anything is matched."""
+    items = _typed(value, list, where)
+    if len(items) > MAX_TENSORS:
+        raise InputError(f"{where}: {len(items)} entries, more than the {MAX_TENSORS} tensors a checkpoint may hold")
+    targets = tuple(str(t) for t in items)
+    patterns = [t for t in targets if t.startswith("re:")]
+    if len(patterns) > MAX_PATTERNS:
+        raise InputError(f"{where}: {len(patterns)} re: patterns, more than the {MAX_PATTERNS} ct-convert matches")
+    for t in patterns:
+        shown = t if len(t) <= 60 else t[:57] + "..."
+        if len(t) > MAX_PATTERN_CHARS:
+            raise InputError(f"{where}: pattern {shown!r} is {len(t)} characters long, more than {MAX_PATTERN_CHARS}")
+        if _repeat_product(t) > MAX_REPEAT_PRODUCT:
+            raise InputError(
+                f"{where}: pattern {shown!r} repeats more than {MAX_REPEAT_PRODUCT} times in all "
+                "(counted repetitions multiply)"
+            )
+    return targets
+
+
+def _repeat_product(pattern: str) -> int:
+    """Product of every counted repetition's largest count: an upper bound of how many copies of its
+    parts compiling the pattern may make, whether or not the repetitions are nested."""
+    product = 1
+    for lo, hi in _COUNTED_REPEAT.findall(pattern):
+        count = hi or lo
+        product *= max(1, int(count)) if count else 1
+        if product > MAX_REPEAT_PRODUCT:
+            break
+    return product
+
+
 def _parse_group(name: str, value, where: str) -> list[SchemeGroup]:
     if isinstance(value, list):
         return [_preset_group(name, value, where)]
@@ -160,11 +200,10 @@ def _parse_group(name: str, value, where: str) -> list[SchemeGroup]:
     targets = value.get("targets") or []
     if isinstance(targets, str):
         targets = [targets]
-    _typed(targets, list, f"{where}: {name}.targets")
     return [
         SchemeGroup(
             name=name,
-            targets=tuple(str(t) for t in targets),
+            targets=_targets(targets, f"{where}: {name}.targets"),
             weights=_opt_args(value.get("weights"), f"{where}: {name}.weights"),
             input_activations=_opt_args(value.get("input_activations"), f"{where}: {name}.input_activations"),
             output_activations=_opt_args(value.get("output_activations"), f"{where}: {name}.output_activations"),
@@ -287,7 +326,7 @@ def _parse_sparsity(sc, where: str) -> SparsityConfig | None:
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
     return SparsityConfig(
         format=fmt,
-        targets=tuple(str(t) for t in _typed(sc.get("targets") or [], list, f"{where}: sparsity_config.targets")),
-        ignore=tuple(str(t) for t in _typed(sc.get("ignore") or [], list, f"{where}: sparsity_config.ignore")),
+        targets=_targets(sc.get("targets") or [], f"{where}: sparsity_config.targets"),
+        ignore=_targets(sc.get("ignore") or [], f"{where}: sparsity_config.ignore"),
         structure=structure,
     )

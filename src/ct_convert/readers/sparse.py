@@ -12,11 +12,15 @@ import math
 
 import torch
 
+from ct_convert import memory
 from ct_convert.errors import InputError
-from ct_convert.tensorstore import TensorMeta, TensorStore
+from ct_convert.tensorstore import MAX_RANK, TensorMeta, TensorStore
 
 PARTS = ("compressed", "bitmask", "shape", "row_offsets")
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+BAND_ELEMENTS = 1 << 23  # dense elements expanded at a time: ~10 bytes of temporaries each
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 class SparseStore:
@@ -76,34 +80,75 @@ class SparseStore:
 
     def _dense_shape(self, prefix: str) -> tuple[int, ...]:
         if prefix not in self._shapes:
-            raw = self.base.get(f"{prefix}.shape").reshape(-1)
-            shape = tuple(int(d) for d in raw.tolist())
+            name = f"{prefix}.shape"
+            if self.base.meta(name).numel > MAX_RANK:
+                raise InputError(f"tensor {name}: {self.base.meta(name).numel} dimensions, expected at most {MAX_RANK}")
+            shape = tuple(int(d) for d in self.base.get(name).reshape(-1).tolist())
             if not shape or any(d < 0 for d in shape) or math.prod(shape) > 2**40:
-                raise InputError(f"tensor {prefix}.shape: invalid dense shape {shape}")
+                raise InputError(f"tensor {name}: invalid dense shape {shape}")
             self._shapes[prefix] = shape
         return self._shapes[prefix]
 
     def _decode(self, prefix: str) -> torch.Tensor:
+        """Expand one bitmask-compressed tensor. The dense size comes from `.shape`, a claim, so it is
+        checked against the bitmask's size, the bitmask's population against the stored values, and
+        the result against the memory left, all before the dense tensor exists; the expansion then
+        runs in bands of rows, so its temporaries stay small whatever the module's size."""
         shape = self._dense_shape(prefix)
-        values = self.base.get(f"{prefix}.compressed").reshape(-1)
-        bitmask = self.base.get(f"{prefix}.bitmask")
+        values = self.base.meta(f"{prefix}.compressed")
+        mask_meta = self.base.meta(f"{prefix}.bitmask")
         cols = shape[-1] if shape else 1
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
         row_bytes = math.ceil(cols / 8)
-        if bitmask.dtype != torch.uint8 or bitmask.numel() != rows * row_bytes:
+        if mask_meta.dtype != "U8" or mask_meta.numel != rows * row_bytes:
             raise InputError(
                 f"tensor {prefix}.bitmask: expected {rows}x{row_bytes} uint8 bytes for dense shape {list(shape)}, "
-                f"got {list(bitmask.shape)} {bitmask.dtype}"
+                f"got {list(mask_meta.shape)} {mask_meta.dtype}"
             )
-        bits = (bitmask.reshape(rows, row_bytes, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-        mask = bits.reshape(rows, row_bytes * 8)[:, :cols].bool().reshape(-1)
-        kept = int(mask.sum())
-        if kept != values.numel():
+        bitmask = self.base.get(f"{prefix}.bitmask").reshape(rows, row_bytes)
+        kept = _population(bitmask, cols)
+        if kept != values.numel:
+            raise InputError(f"tensor {prefix}.compressed: holds {values.numel} values but its bitmask keeps {kept}")
+        dense_bytes = rows * cols * values.torch_dtype.itemsize
+        left = memory.available_bytes()
+        if left is not None and dense_bytes > left:
             raise InputError(
-                f"tensor {prefix}.compressed: holds {values.numel()} values but its bitmask keeps {kept}"
+                f"tensor {prefix}.bitmask: expands to a dense {list(shape)} {values.dtype} tensor of {dense_bytes} bytes, "
+                f"more than the {left} bytes of memory left",
+                hint="Convert on a machine with more memory, or check that the file is what it claims to be.",
             )
-        itemsize = values.element_size()
-        as_int = _SAME_WIDTH_INT[itemsize]
+        stored = self.base.get(f"{prefix}.compressed").reshape(-1)
+        as_int = _SAME_WIDTH_INT[stored.element_size()]
+        stored = stored.view(as_int)
         dense = torch.zeros(rows * cols, dtype=as_int)
-        dense[mask] = values.view(as_int)
-        return dense.view(values.dtype).reshape(shape)
+        step = max(1, BAND_ELEMENTS // max(1, cols))
+        taken = 0
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            mask = _unpack_rows(bitmask[r0:r1], cols).reshape(-1)
+            n = int(mask.sum())
+            dense[r0 * cols : r1 * cols][mask] = stored[taken : taken + n]
+            taken += n
+        return dense.view(values.torch_dtype).reshape(shape)
+
+
+def _unpack_rows(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
+    """[rows, ceil(cols/8)] bytes -> [rows, cols] bool; bit j of byte b is column 8b + j."""
+    bits = (bitmask.unsqueeze(-1) >> _SHIFTS) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :cols].bool()
+
+
+def _population(bitmask: torch.Tensor, cols: int) -> int:
+    """Set bits among the first `cols` of every row (padding bits of a row's last byte are ignored,
+    as the expansion ignores them), counted a band of rows at a time."""
+    rows, row_bytes = bitmask.shape
+    if row_bytes == 0:
+        return 0
+    pad_mask = (1 << (cols % 8)) - 1 if cols % 8 else 0xFF
+    step = max(1, BAND_ELEMENTS // max(1, row_bytes * 8))
+    total = 0
+    for r0 in range(0, rows, step):
+        band = bitmask[r0 : r0 + step].to(torch.int64)
+        band[:, -1] &= pad_mask
+        total += int(_POPCOUNT[band].sum())
+    return total

@@ -12,7 +12,7 @@ import torch
 from ct_convert.errors import InputError
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.config import QuantArgs, QuantizationConfig, SchemeGroup
-from ct_convert.tensorstore import TensorMeta
+from ct_convert.tensorstore import DTYPE_NAMES, FLOAT_DTYPES, TensorMeta
 
 
 @dataclass
@@ -61,6 +61,25 @@ class ModuleTensors:
         if m.dtype not in allowed:
             raise InputError(f"tensor {self.tensors[suffix]}: dtype {m.dtype}, expected {' or '.join(allowed)}")
         return m
+
+    def expect_float_scale(self, suffix: str = "weight_scale") -> TensorMeta:
+        """A scale stored as floats: F16/BF16/F32/F64, or the dtype the scheme's `scale_dtype` declares.
+        Integer bits read as a float scale would convert without error and be wrong everywhere."""
+        allowed = set(FLOAT_DTYPES)
+        declared = getattr(torch, self.weights.scale_dtype or "", None)
+        if isinstance(declared, torch.dtype) and declared.is_floating_point and declared in DTYPE_NAMES:
+            allowed.add(DTYPE_NAMES[declared])
+        return self.expect_dtype(suffix, *sorted(allowed))
+
+    def trivial_zero_point(self, zp: torch.Tensor) -> None:
+        """A symmetric scheme whose module still carries zero points: accepted only when they are all
+        zero, since a symmetric reader ignores them and non-zero ones would change every weight."""
+        if zp.numel() and bool(zp.ne(0).any()):
+            raise InputError(
+                f"tensor {self.tensors['weight_zero_point']}: non-zero zero points, but the config says symmetric: true",
+                hint="The config and the tensors contradict each other: fix `symmetric` in config.json, "
+                "or drop the zero points.",
+            )
 
     def check_scale(self, suffix: str, lead: tuple[int, ...], n: int, k: int, args: QuantArgs) -> TensorMeta:
         """Validate a scale/zero-point tensor's element count against the strategy (§4.1)."""

@@ -25,10 +25,11 @@ class NaiveDecoder:
             encoding = Encoding.FP8
         check_rank(mt, "weight", w)
         *lead, n, k = w.shape
+        mt.expect_float_scale()
         mt.check_scale("weight_scale", tuple(lead), n, k, args)
-        if not args.symmetric:
-            if not mt.has("weight_zero_point"):
-                raise InputError(f"missing tensor {mt.name}.weight_zero_point: the scheme is asymmetric")
+        if not args.symmetric and not mt.has("weight_zero_point"):
+            raise InputError(f"missing tensor {mt.name}.weight_zero_point: the scheme is asymmetric")
+        if mt.has("weight_zero_point"):
             mt.check_scale("weight_zero_point", tuple(lead), n, k, args)
         return ModuleInfo(
             name=mt.name,
@@ -42,9 +43,12 @@ class NaiveDecoder:
 
     def decode(self, mt: ModuleTensors, info: ModuleInfo) -> QuantizedWeight:
         zp = None
-        if not info.scheme.symmetric:
-            zp = mt.get("weight_zero_point")
-            zp = zp.to(torch.float32).round().to(torch.int16) if zp.is_floating_point() else zp.to(torch.int16)
+        if mt.has("weight_zero_point"):
+            raw = mt.get("weight_zero_point")
+            if info.scheme.symmetric:
+                mt.trivial_zero_point(raw)
+            else:
+                zp = raw.to(torch.float32).round().to(torch.int16) if raw.is_floating_point() else raw.to(torch.int16)
         if info.encoding is Encoding.INT:
             lo, hi = -(1 << (info.scheme.num_bits - 1)), (1 << (info.scheme.num_bits - 1)) - 1
 

@@ -26,8 +26,9 @@ class PackedDecoder:
         shape = self._shape(mt, packed.shape)
         *lead, n, k = shape
         layout = choose_layout(mt, b, k, n, packed.shape[-1])
+        mt.expect_float_scale()
         mt.check_scale("weight_scale", tuple(lead), n, k, args)
-        if not args.symmetric:
+        if not args.symmetric or mt.has("weight_zero_point"):
             self._check_zero_point(mt, tuple(lead), n, k, b, layout)
         if mt.has("weight_g_idx"):
             g = mt.expect_dtype("weight_g_idx", "I32", "I64")
@@ -98,7 +99,7 @@ class PackedDecoder:
             return codes_rows(0, n)
 
         zp = None
-        if not info.scheme.symmetric:
+        if not info.scheme.symmetric or mt.has("weight_zero_point"):
             raw = mt.get("weight_zero_point")
             if raw.dtype == torch.int32 and info.scheme.strategy != "tensor":
                 u = bitpack.unpack(raw.transpose(-1, -2).contiguous(), b, n, info.layout).transpose(-1, -2)
@@ -108,6 +109,9 @@ class PackedDecoder:
             lo, hi = -offset, offset - 1
             if zp.numel() and (int(zp.min()) < lo or int(zp.max()) > hi):
                 raise InputError(f"tensor {mt.tensors['weight_zero_point']}: zero points outside [{lo}, {hi}]")
+            if info.scheme.symmetric:
+                mt.trivial_zero_point(zp)
+                zp = None
         g_idx = mt.get("weight_g_idx").to(torch.int32) if mt.has("weight_g_idx") else None
         if g_idx is not None:
             groups = mt.meta("weight_scale").shape[-1]

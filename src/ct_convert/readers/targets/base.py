@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
+from ct_convert.errors import InputError
 from ct_convert.source import find_index, load_json, read_index
 from ct_convert.tensorstore import TensorStore
 
@@ -51,10 +51,10 @@ def quant_method(folder: Path) -> str | None:
     if not cfg.is_file():
         return None
     try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = load_json(cfg)
+    except InputError:
         return None
-    qc = data.get("quantization_config") if isinstance(data, dict) else None
+    qc = data.get("quantization_config")
     return str(qc.get("quant_method")) if isinstance(qc, dict) else ""
 
 

@@ -7,13 +7,13 @@ are split by the head counts in config.json, and ranks are concatenated back to 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ct_convert.errors import InputError
+from ct_convert.jsonfile import load_json
 from ct_convert.readers.targets.base import GroupCodes, dequantize_groups, register
 from ct_convert.tensorstore import TensorStore, read_header
 
@@ -76,7 +76,7 @@ class TRTLLMOutput:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.config = json.loads((folder / "config.json").read_text())
+        self.config = load_json(folder / "config.json")
         mapping = self.config.get("mapping") or {}
         self.tp = int(mapping.get("tp_size", 1))
         q = self.config.get("quantization") or {}
@@ -259,10 +259,10 @@ class TRTLLMKind:
         if not (folder / "rank0.safetensors").is_file() or not cfg.is_file():
             return False
         try:
-            data = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = load_json(cfg)
+        except InputError:
             return False
-        return isinstance(data, dict) and "architecture" in data and "mapping" in data
+        return "architecture" in data and "mapping" in data
 
     def open(self, folder: Path) -> TRTLLMOutput:
         return TRTLLMOutput(folder)

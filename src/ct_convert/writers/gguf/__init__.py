@@ -25,7 +25,7 @@ from ct_convert.qweight import ModuleInfo
 from ct_convert.sink import HashingSink
 from ct_convert.writers.base import Progress, RepackOptions, WriteReport, register
 from ct_convert.writers.gguf import arch as A
-from ct_convert.writers.gguf import blocks, mapping, vocab
+from ct_convert.writers.gguf import blocks, hparams, mapping, vocab
 
 OUTPUT_STEM = "model"
 _GUESS_NAMES = A.Names(gguf.MODEL_ARCH.LLAMA, 1)  # slot lookup for `refusal`, which has no config
@@ -129,6 +129,7 @@ class GGUFWriter:
 def _layout(reader, opts: RepackOptions) -> Layout:
     config = reader.config
     arch = A.arch_of(config)
+    hparams.check(reader, arch)
     A.check_config(arch, config)
     if reader.online_transforms:
         raise UnsupportedConversion(

@@ -6,15 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
 from ct_convert.errors import InputError, UnsupportedConversion
+from ct_convert.jsonfile import load_json
+from ct_convert.writers.gguf import header
 from ct_convert.writers.gguf.pre_tokenizers import CHECK_TEXT, PRE_BY_HASH
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+SPECIAL_VOCAB_JSON = ("tokenizer_config.json", "chat_template.json", "config.json")
 _HINT = "Pass --vocab-from FILE.gguf (a GGUF of the same base model) to take its vocabulary."
 
 
@@ -49,9 +53,10 @@ def check_vocab_from(path: Path) -> None:
 
 
 def _read_tokenizer_fields(path: Path) -> list:
+    header.check(path)
     try:
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as e:
         raise InputError(f"{path}: not a readable GGUF file ({e})", hint=_HINT) from None
     fields = [f for name, f in reader.fields.items() if name.startswith("tokenizer.")]
     if not any(f.name == gguf.Keys.Tokenizer.MODEL for f in fields):
@@ -119,7 +124,13 @@ def _bpe(source: Path, config: dict, n_vocab: int, strict: bool) -> Vocab:
             "text differently from the source tokenizer (use --vocab-from FILE.gguf to avoid this)"
         )
     logging.getLogger("gguf").setLevel(logging.ERROR)  # SpecialVocab logs every key it finds
-    special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
+    for name in SPECIAL_VOCAB_JSON:  # gguf-py's SpecialVocab parses these without catching anything
+        if (source / name).is_file():
+            load_json(source / name)
+    try:
+        special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OSError) as e:
+        raise InputError(f"{source}: malformed tokenizer files ({type(e).__name__}: {e})", hint=_HINT) from None
     if not special.merges:
         raise UnsupportedConversion(f"{path}: a BPE tokenizer without merges", hint=_HINT)
     T, V = gguf.Keys.Tokenizer, gguf.GGUFValueType

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from ct_convert.errors import UnsupportedConversion
+from ct_convert.errors import InputError, UnsupportedConversion
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -102,6 +103,7 @@ class Geometry:
 
 def geometry(config: dict) -> Geometry:
     c = text_config(config)
+    _check_scalars(c)
     try:
         heads = int(c["num_attention_heads"])
         hidden = int(c["hidden_size"])
@@ -114,11 +116,22 @@ def geometry(config: dict) -> Geometry:
             intermediate=int(c["intermediate_size"]),
             vocab=int(c["vocab_size"]),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UnsupportedConversion(
             f"config.json: missing or invalid {e} for a Llama-family model",
             hint="The TensorRT-LLM checkpoint needs the model's geometry from config.json.",
         ) from None
+
+
+def _check_scalars(c: dict) -> None:
+    """The numbers trtllm_config copies once the weights are written, checked before anything is:
+    json reads 1e400 as inf, which no integer or TensorRT-LLM's JSON parser holds."""
+    params = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+    for key, value in (("rms_norm_eps", c.get("rms_norm_eps", 1e-6)),
+                       ("max_position_embeddings", c.get("max_position_embeddings", 2048)),
+                       ("rope_theta", c.get("rope_theta", params.get("rope_theta", 10000.0)))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InputError(f"config.json: {key} is {str(value)[:40]!r}, not a finite positive number")
 
 
 def _rope(c: dict) -> tuple[float, dict | None]:
