@@ -9,8 +9,9 @@ compares against llama.cpp without the sdist.
     CT_LLAMA_CPP_SDIST=/tmp/llama-sdist/llama_cpp_python-0.3.36 \\
         .venv/bin/python tests/llamacpp_oracle.py [FIXTURE ...]      # rewrite the expectations
 
-What is recorded per tensor: `shape` (ggml ne order), `type` written with `--outtype bf16` (F32 there
-means llama.cpp keeps the tensor in F32 whatever the file type), `sha256_f32` of the float32 values
+Llama-4's per-expert Linears are fused into transformers' layout first (`fuse_llama4_experts`): llama.cpp
+reads no other. What is recorded per tensor: `shape` (ggml ne order), `type` written with `--outtype bf16` (anything but
+BF16 there, F32 or F16, is a type llama.cpp forces whatever the file type), `sha256_f32` of the float32 values
 written with `--outtype f32`, and `sha256_bf16` of those values rounded to bfloat16 (what a
 quantized block, exact in float32, must round to: the compressed-tensors library's own bf16
 decompression). Tiny fixture tokenizers are not in llama.cpp's pre-tokenizer table; the converter,
@@ -103,6 +104,33 @@ def fixture_source(name: str) -> Path:
 def dense(src: Path, dst: Path) -> None:
     cmd = [sys.executable, "-c", "from ct_convert.cli import main; main()", "repack", str(src), str(dst), "--target", "dense", "--quiet"]
     subprocess.run(cmd, check=True)
+    config = json.loads((dst / "config.json").read_text())
+    if (config.get("architectures") or [None])[0] == "Llama4ForConditionalGeneration":
+        fuse_llama4_experts(dst)
+
+
+def fuse_llama4_experts(folder: Path) -> None:
+    """Per-expert Llama-4 Linears (llm-compressor's layout, what compressed-tensors checkpoints hold)
+    as transformers stores them, the only layout llama.cpp's Llama4Model reads:
+    `experts.gate_up_proj` [E, hidden, 2·inter] = [gate_e^T | up_e^T] and `experts.down_proj`
+    [E, inter, hidden] = down_e^T. The converter transposes and splits them back."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    per_expert = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    groups: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name in [n for n in tensors if per_expert.match(n)]:
+        prefix, e, proj = per_expert.match(name).groups()
+        groups.setdefault(prefix, {})[(int(e), proj)] = tensors.pop(name)
+    for prefix, parts in groups.items():
+        n = 1 + max(e for e, _ in parts)
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")].T, parts[(e, "up")].T], dim=1) for e in range(n)])
+        tensors[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down")].T for e in range(n)])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def convert(root: Path, model_dir: Path, out: Path, outtype: str, mmproj: bool = False, fallback: str = "default") -> dict:
@@ -251,8 +279,8 @@ def compare_tensors(mine: dict, want: dict) -> list[str]:
         if shape != w["shape"]:
             problems.append(f"{name}: shape {shape}, llama.cpp {w['shape']}")
             continue
-        if w["type"] == "F32" and kind != "F32":
-            problems.append(f"{name}: {kind}, llama.cpp keeps it F32")
+        if w["type"] != "BF16" and kind != w["type"]:  # a type llama.cpp forces whatever the file type
+            problems.append(f"{name}: {kind}, llama.cpp keeps it {w['type']}")
         v = values_f32(t)
         same = sha_f32(v) == w["sha256_f32"] if kind in FLOAT_TYPES else sha_bf16(v) == w["sha256_bf16"]
         if not same:
