@@ -71,3 +71,13 @@ def test_tiktoken_ranks_must_be_well_formed(tmp_path):
     (src / "tiktoken.model").write_text("\n".join(lines[:5] + ["not-base64! 5"] + lines[6:]) + "\n")
     with pytest.raises(Exception, match="line 6 is not 'base64-token rank'"):
         vocab.load(src, json.loads((src / "config.json").read_text()), 556, None, False, "deepseek2")
+
+
+def test_missing_sentencepiece_is_one_clear_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import fails as if not installed
+    src = FIXTURES / "gguf" / "phi3-w4a16"
+    with pytest.raises(UnsupportedConversion, match="needs the sentencepiece package") as e:
+        vocab.load(src, json.loads((src / "config.json").read_text()), 400, None, False, "phi3")
+    assert "\n" not in str(e.value)
