@@ -42,6 +42,8 @@ LLAMA_CPP_COMMIT = "0c1e5709"  # the llama.cpp tree vendored in that sdist (shar
 # the converter falls back to when the tiny tokenizer's fingerprint is unknown)
 FIXTURES = {
     "gguf-llama-w4a16": (None, False, "default"),
+    # the same model with a fast-only SentencePiece-converted tokenizer.json (gguf-py's LlamaHfVocab)
+    "gguf-llama-hftok-w4a16": (None, False, "default"),
     "gguf-qwen2-w4a16": (None, False, "default"),
     "gguf-qwen3-w4a16": (None, False, "default"),
     "qwen3moe-w4a16": ("gguf/qwen3moe-w4a16", False, "default"),
@@ -98,6 +100,12 @@ def fixture_source(name: str) -> Path:
 
     out = Path(tempfile.mkdtemp(prefix="ct-oracle-")) / name
     build(name.split("-")[1], "W4A16", str(out))
+    if "-hftok-" in name:
+        from tiny_tokenizers import sentencepiece_as_tokenizer_json
+
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (out / f).unlink()
+        sentencepiece_as_tokenizer_json(str(out), 320)
     return out
 
 
