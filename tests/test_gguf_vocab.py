@@ -81,3 +81,15 @@ def test_missing_sentencepiece_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(UnsupportedConversion, match="needs the sentencepiece package") as e:
         vocab.load(src, json.loads((src / "config.json").read_text()), 400, None, False, "phi3")
     assert "\n" not in str(e.value)
+
+
+def test_cli_writes_a_no_vocabulary_gguf_for_a_tokenizer_config_alone(cli, tmp_path):
+    """Was refused with "only a byte-level BPE tokenizer.json can be converted"."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "w4a16-g128", src)
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": "{{ messages }}"}))
+    r = cli("repack", src, tmp_path / "out", "--target", "gguf", "--json")
+    assert r.code == 0, r.err
+    meta = read_ours(tmp_path / "out" / "model.gguf")["metadata"]
+    assert meta["tokenizer.ggml.model"]["value"] == "none" and "tokenizer.ggml.tokens" not in meta
+    assert any("only a tokenizer_config.json" in n for n in r.json()["notes"])
