@@ -74,14 +74,14 @@ class GGUFWriter:
             _refuse_fallbacks(layout.entries, "")
         if opts.vocab_from is not None:
             vocab.check_vocab_from(opts.vocab_from)
-        vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict)
+        vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict, A.arch_name(layout.arch))
 
     def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
         layout = _layout(reader, opts)
         _scan_scales(reader, layout)
         if opts.strict:
             _refuse_fallbacks(layout.entries, " (found in its scales)")
-        voc = vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict)
+        voc = vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict, A.arch_name(layout.arch))
         report = WriteReport(dropped=sorted(layout.dropped))
         w = self._metadata(reader, layout, voc)
         total = sum(e.nbytes for e in layout.entries)
