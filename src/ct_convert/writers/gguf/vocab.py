@@ -6,15 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
-from ct_convert.errors import InputError, UnsupportedConversion
+from ct_convert.errors import CTConvertError, InputError, UnsupportedConversion
+from ct_convert.regular_files import open_regular_file, require_regular
 from ct_convert.writers.gguf.pre_tokenizers import CHECK_TEXT, PRE_BY_HASH
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# what gguf.SpecialVocab opens besides tokenizer.json and config.json (it skips what is not a regular
+# file, so a FIFO or device there would silently drop the chat template instead of being refused)
+SPECIAL_VOCAB_FILES = ("tokenizer_config.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 _HINT = "Pass --vocab-from FILE.gguf (a GGUF of the same base model) to take its vocabulary."
 
 
@@ -31,9 +36,9 @@ class Vocab:
 def load(source: Path, config: dict, n_vocab: int, vocab_from: Path | None, strict: bool) -> Vocab:
     if vocab_from is not None:
         return _copied(Path(vocab_from), n_vocab)
-    if (source / "tokenizer.json").is_file():
+    if _present(source / "tokenizer.json"):
         return _bpe(source, config, n_vocab, strict)
-    present = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+    present = [f for f in TOKENIZER_FILES if _present(source / f)]
     if present:
         raise UnsupportedConversion(
             f"{source / present[0]}: only a byte-level BPE tokenizer.json can be converted to GGUF here", hint=_HINT
@@ -43,8 +48,17 @@ def load(source: Path, config: dict, n_vocab: int, vocab_from: Path | None, stri
                         "llama.cpp can run it on token ids only. Use --vocab-from FILE.gguf to add one"])  # fmt: skip
 
 
+def _present(path: Path) -> bool:
+    """Whether a tokenizer file is there; one that is there but is not a regular file is refused."""
+    if not os.path.lexists(path):
+        return False
+    require_regular(path)
+    return True
+
+
 def check_vocab_from(path: Path) -> None:
     """Refuse an unreadable --vocab-from before any output exists."""
+    require_regular(Path(path))
     _read_tokenizer_fields(Path(path))
 
 
@@ -82,8 +96,12 @@ def _bpe(source: Path, config: dict, n_vocab: int, strict: bool) -> Vocab:
 
     path = source / "tokenizer.json"
     try:
-        raw = json.loads(path.read_text())
-        tok = tokenizers.Tokenizer.from_file(str(path))
+        with open_regular_file(path, "r", encoding="utf-8") as f:
+            text = f.read()
+        raw = json.loads(text)
+        tok = tokenizers.Tokenizer.from_str(text)
+    except CTConvertError:
+        raise
     except Exception as e:  # tokenizers raises its own exception types
         raise InputError(f"{path}: cannot read the tokenizer ({e})", hint=_HINT) from None
     model = raw.get("model") or {}
@@ -118,6 +136,10 @@ def _bpe(source: Path, config: dict, n_vocab: int, strict: bool) -> Vocab:
             f"pre-tokenizer not recognized (fingerprint {fingerprint[:16]}…): written as 'default'; llama.cpp may split "
             "text differently from the source tokenizer (use --vocab-from FILE.gguf to avoid this)"
         )
+    for name in SPECIAL_VOCAB_FILES:
+        _present(source / name)
+    for extra in sorted((source / "additional_chat_templates").glob("*.jinja")):
+        require_regular(extra)
     logging.getLogger("gguf").setLevel(logging.ERROR)  # SpecialVocab logs every key it finds
     special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
