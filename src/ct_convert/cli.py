@@ -3,6 +3,7 @@ is the one place that turns exceptions into one-line messages and exit codes (cl
 
 from __future__ import annotations
 
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Optional
 import typer
 
 from ct_convert import __version__, console
-from ct_convert.errors import CTConvertError
+from ct_convert.errors import CTConvertError, file_being_read
 
 app = typer.Typer(
     name="ct-convert",
@@ -153,11 +154,11 @@ def repack(
         extra = f", {len(summary['unconverted'])} written dense" if summary["unconverted"] else ""
         ver = "verified exact" if summary["verified"] else "not verified (--no-verify)"
         console.out.print(
-            f"[green]✓[/] wrote {summary['output']} ({summary['target']}): {conv}{extra}, "
+            f"[green]✓[/] wrote {console.safe(summary['output'])} ({summary['target']}): {conv}{extra}, "
             f"{summary['bytes_written'] / 1e6:.1f} MB in {summary['seconds']:.1f}s, {ver}"
         )
         for note in summary["notes"]:
-            console.out.print(f"  note: {note}")
+            console.out.print(f"  note: {console.safe(note)}")
 
 
 @app.command()
@@ -183,7 +184,7 @@ def verify(
             console.print_json({"output": str(manifest), "ok": not problems, "problems": problems})
         elif not quiet:
             for p in problems:
-                console.out.print(f"[red]✗[/] {p['file']}: {p['problem']}")
+                console.out.print(f"[red]✗[/] {console.safe(p['file'])}: {console.safe(p['problem'])}")
             console.out.print("[green]✓ every file matches ct-convert.json[/]" if not problems else f"[red]{len(problems)} difference(s)[/]")
         if problems:
             raise typer.Exit(1)
@@ -211,9 +212,7 @@ def main() -> None:
     except CTConvertError as e:
         if _state["debug"]:
             raise
-        console.err.print(f"[red]error:[/] {e}", highlight=False)
-        if e.hint:
-            console.err.print(f"  {e.hint}", highlight=False)
+        console.error(e, e.hint)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.err.print("[red]interrupted[/]: no output was left behind")
@@ -222,17 +221,25 @@ def main() -> None:
         sys.exit(e.exit_code)
     except (typer.Abort,):
         sys.exit(130)
-    except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
+    except typer.TyperException as e:  # usage errors: unknown option, bad value, missing argument
+        ctx = getattr(e, "ctx", None)
+        console.error(e.format_message(), f"Try '{ctx.command_path} --help'." if ctx is not None else None)
+        sys.exit(e.exit_code)
+    except Exception as e:  # anything unexpected: a bug, or an input no check anticipated
         if _state["debug"]:
             raise
-        console.err.print(f"[red]error:[/] unexpected {type(e).__name__}: {e}", highlight=False)
-        console.err.print("  Run again with --debug for a traceback, and please report it.", highlight=False)
+        reading = file_being_read()
+        where = f" (while reading {reading})" if reading else ""
+        console.error(
+            f"unexpected {type(e).__name__}: {e}{where}",
+            f"Please report this with the traceback that `{_debug_command()}` prints.",
+        )
         sys.exit(2)
+
+
+def _debug_command() -> str:
+    args = sys.argv[1:] + ([] if "--debug" in sys.argv else ["--debug"])
+    return shlex.join(["ct-convert", *args])
 
 
 if __name__ == "__main__":

@@ -30,3 +30,16 @@ class VerificationFailed(CTConvertError):
     """Dequantized output differs from the source, or files differ from the manifest: exit code 1."""
 
     exit_code = 1
+
+
+# The file most recently opened for reading, for the message of an unexpected error: a bug or an
+# input no check anticipated is far easier to report when it names the file that triggered it.
+_being_read: list = [None]
+
+
+def note_reading(path) -> None:
+    _being_read[0] = path
+
+
+def file_being_read():
+    return _being_read[0]

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ct_convert.errors import InputError
+from ct_convert.regular_files import open_regular_file
 
 MAX_JSON_BYTES = 100_000_000  # the size safetensors allows a header; no config or index comes near it
 MAX_DEPTH = 64
@@ -75,7 +76,7 @@ def gc_paused():
 def load_json(path: Path) -> dict:
     """A JSON object from a file of at most MAX_JSON_BYTES."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_JSON_BYTES:
                 raise InputError(f"{path}: {size} bytes, more than the {MAX_JSON_BYTES}-byte limit for a JSON file")

@@ -242,12 +242,15 @@ class OutputFolder:
 
 
 def copy_with_hash(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy a file and return (sha256, size) from the bytes copied."""
+    """Copy a regular file (anything else is refused: a FIFO would hang, a device never end) and
+    return (sha256, size) from the bytes copied."""
+    from ct_convert.regular_files import open_regular_file
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     size = 0
     try:
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
+        with open_regular_file(src) as fi, open(dst, "wb") as fo:
             while chunk := fi.read(1 << 22):
                 h.update(chunk)
                 fo.write(chunk)
@@ -267,13 +270,3 @@ def write_bytes_with_hash(path: Path, data: bytes) -> tuple[str, int]:
             raise OutputError(f"{path}: disk full") from None
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
     return hashlib.sha256(data).hexdigest(), len(data)
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size

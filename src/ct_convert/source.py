@@ -10,6 +10,7 @@ from pathlib import Path
 from ct_convert import jsonfile
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
+from ct_convert.regular_files import require_regular
 from ct_convert.tensorstore import MAX_TENSORS, TensorStore, inside
 
 CONFIG_NAMES = ("config.json", "params.json")
@@ -58,6 +59,7 @@ class Checkpoint:
                     continue
                 if p.resolve() in skip or not inside(self.boundary or self.root, p):
                     continue
+                require_regular(p)  # a FIFO would hang the copy, /dev/zero would fill the disk
                 out.append(p.relative_to(self.root))
         return out
 
@@ -76,6 +78,8 @@ def resolve(source: str, revision: str | None = None, *, headers_only: bool = Fa
 
 
 def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
+    if not path.is_dir():
+        require_regular(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: not a .safetensors file or a checkpoint folder")
@@ -96,7 +100,8 @@ def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
             weight_map = None
             if not files:
                 raise InputError(f"{root}: no *.safetensors files in this folder")
-    config_file = next((root / n for n in CONFIG_NAMES if (root / n).is_file()), None)
+    # exists(), not is_file(): a FIFO or device named config.json is refused by load_json, not skipped
+    config_file = next((root / n for n in CONFIG_NAMES if (root / n).exists()), None)
     config = load_json(config_file) if config_file else {}
     store = TensorStore(root, files, weight_map)
     if not config:
@@ -113,7 +118,7 @@ def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
 
 def find_index(root: Path) -> Path | None:
     preferred = root / "model.safetensors.index.json"
-    if preferred.is_file():
+    if preferred.exists():
         return preferred
     found = sorted(root.glob("*.safetensors.index.json"))
     return found[0] if found else None
@@ -146,7 +151,7 @@ def _shard(root: Path, index: Path, boundary: Path | None, name: str, rel) -> Pa
     try:
         if not inside(boundary or root, file):
             raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which leaves the checkpoint folder")
-        if not file.is_file():
+        if not file.exists():
             raise InputError(f"{index}: tensor {name!r} points to {rel!r}, which does not exist")
     except OSError as e:  # a name too long for the file system, a loop of symlinks
         raise InputError(f"{index}: tensor {name!r} points to a file that cannot be opened ({e.strerror or e})") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from ct_convert import jsonfile
 from ct_convert.errors import InputError
+from ct_convert.regular_files import open_regular, open_regular_file
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 # Tensors in one checkpoint, all shards together: twice the largest published MoE checkpoints
@@ -70,14 +71,19 @@ class TensorMeta:
 
 
 def read_header(path: Path, max_tensors: int = MAX_TENSORS) -> tuple[dict[str, TensorMeta], dict]:
-    """Parse and validate one safetensors header: (tensors, __metadata__).
+    """Parse and validate one safetensors header: (tensors, __metadata__)."""
+    tensors, metadata, _ = _read_header(path, max_tensors)
+    return tensors, metadata
 
-    Parsing stops once the header has built more objects than `max_tensors` entries need (what is
-    left of the checkpoint's MAX_TENSORS), so a header of 10^6 tiny tensors is refused after a
-    bounded part of it was read."""
+
+def _read_header(path: Path, max_tensors: int) -> tuple[dict[str, TensorMeta], dict, tuple]:
+    """read_header, plus the file's identity. Parsing stops once the header has built more objects than
+    `max_tensors` entries need (what is left of the checkpoint's MAX_TENSORS), so a header of 10^6 tiny
+    tensors is refused after a bounded part of it was read."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
@@ -90,7 +96,8 @@ def read_header(path: Path, max_tensors: int = MAX_TENSORS) -> tuple[dict[str, T
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     with jsonfile.gc_paused():
-        return _parse_header(path, raw, 8 + n, size - 8 - n, max_tensors)
+        tensors, metadata = _parse_header(path, raw, 8 + n, size - 8 - n, max_tensors)
+    return tensors, metadata, _identity(st)
 
 
 def _parse_header(path: Path, raw: bytes, data_start: int, data_len: int, max_tensors: int):
@@ -216,16 +223,20 @@ class HeaderIndex:
 
 
 class TensorStore(HeaderIndex):
-    """Every tensor of a checkpoint, by name, across shards; reads are lazy positioned reads."""
+    """Every tensor of a checkpoint, by name, across shards; reads are lazy positioned reads.
+
+    Each read opens its shard and closes it again: a source of thousands of shards never holds more
+    descriptors than there are reads in flight (an open costs microseconds; a tensor read, far more).
+    """
 
     def __init__(self, root: Path, files: list[Path], weight_map: dict[str, Path] | None = None):
-        self._handles: dict[Path, int] = {}  # open file descriptors, one per shard
         self.root = root
         self.files = files
         self.metadata: dict[Path, dict] = {}
         self._meta: dict[str, TensorMeta] = {}
+        self._identity: dict[Path, tuple] = {}
         for file in files:
-            tensors, md = read_header(file, MAX_TENSORS - len(self._meta))
+            tensors, md, self._identity[file] = _read_header(file, MAX_TENSORS - len(self._meta))
             self.metadata[file] = md
             for name, meta in tensors.items():
                 if name in self._meta:
@@ -244,21 +255,23 @@ class TensorStore(HeaderIndex):
 
     def get(self, name: str) -> torch.Tensor:
         meta = self.meta(name)
-        fd = self._handles.get(meta.file)
         try:
-            if fd is None:
-                fd = self._handles[meta.file] = os.open(meta.file, os.O_RDONLY)
-            return read_tensor(fd, meta)
+            fd = open_regular(meta.file)
+            try:
+                if _identity(os.fstat(fd)) != self._identity[meta.file]:
+                    raise InputError(f"{meta.file}: replaced or resized since its header was read")
+                return read_tensor(fd, meta)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise InputError(f"{meta.file}: cannot read tensor {name!r}: {e.strerror or e}") from None
 
     def close(self) -> None:
-        for fd in self._handles.values():
-            os.close(fd)
-        self._handles.clear()
+        """Nothing stays open between reads; kept for the stores that wrap this one."""
 
-    def __del__(self):
-        self.close()
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_tensor(fd: int, meta: TensorMeta) -> torch.Tensor:

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from ct_convert.output import sha256_file
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
 from ct_convert.readers.targets.base import BAND_BYTES, GroupCodes
-from ct_convert.source import load_json
 
 
 @dataclass
@@ -150,25 +147,3 @@ def _diff(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float | None) -
     exact = bool(((a == b) | both_nan).all())
     ok = exact if atol is None else max_abs <= atol
     return ModuleResult(name, max_abs, rel, exact, ok)
-
-
-def check_manifest(folder: Path) -> list[dict]:
-    """Re-hash every file listed in the folder's ct-convert.json: one entry per difference."""
-    manifest = load_json(folder / "ct-convert.json")
-    problems = []
-    listed = manifest.get("files") or {}
-    for rel, expect in sorted(listed.items()):
-        path = folder / rel
-        if not path.is_file():
-            problems.append({"file": rel, "problem": "missing"})
-            continue
-        sha, size = sha256_file(path)
-        if size != expect.get("size"):
-            problems.append({"file": rel, "problem": f"size {size} != {expect.get('size')}"})
-        elif sha != expect.get("sha256"):
-            problems.append({"file": rel, "problem": "sha256 differs"})
-    for path in sorted(folder.rglob("*")):
-        rel = str(path.relative_to(folder))
-        if path.is_file() and rel != "ct-convert.json" and rel not in listed:
-            problems.append({"file": rel, "problem": "not in the manifest"})
-    return problems

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ct_convert import console
 from ct_convert.capabilities import module_targets
+from ct_convert.console import safe
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
 
@@ -73,7 +74,7 @@ def _args_text(a: dict | None) -> str:
         s += " dynamic" if a["dynamic"] is True else f" dynamic={a['dynamic']}"
     if a.get("actorder"):
         s += f" actorder={a['actorder']}"
-    return s
+    return safe(s)
 
 
 def _gb(n: int) -> str:
@@ -81,28 +82,30 @@ def _gb(n: int) -> str:
 
 
 def render(report: dict, show_modules: bool) -> None:
+    """Every value shown comes from the checkpoint or the command line: each goes through `safe`."""
     t = report["totals"]
     formats = Counter(m["format"] for m in report["modules"])
     summary = (
-        f"[bold]architecture[/] {report['architecture'] or '-'}\n"
-        f"[bold]quant_method[/] {report['quant_method']}   [bold]format[/] {report['format'] or '-'}   "
-        f"[bold]library version[/] {report['version'] or 'not recorded (<= 0.10 or third-party)'}\n"
+        f"[bold]architecture[/] {safe(report['architecture'] or '-')}\n"
+        f"[bold]quant_method[/] {safe(report['quant_method'])}   [bold]format[/] {safe(report['format'] or '-')}   "
+        f"[bold]library version[/] {safe(report['version'] or 'not recorded (<= 0.10 or third-party)')}\n"
         f"[bold]quantized modules[/] {len(report['modules'])} "
-        f"({', '.join(f'{n} {f}' for f, n in formats.most_common()) or 'none'})   "
+        f"({safe(', '.join(f'{n} {f}' for f, n in formats.most_common()) or 'none')})   "
         f"[bold]left in full precision[/] {len(report['unquantized'])}\n"
         f"[bold]tensors[/] {t['tensors']}   [bold]parameters[/] {t['parameters']:,}   "
         f"[bold]stored[/] {_gb(t['bytes'])}   [bold]dense[/] {_gb(t['dense_bytes'])}"
     )
-    console.out.print(Panel(summary, title=f"[bold]{report['source']}", expand=False))
+    console.out.print(Panel(summary, title=f"[bold]{safe(report['source'])}", expand=False))
     groups = Table(title="Schemes", box=box.SIMPLE_HEAVY, title_justify="left")
     for col in ("group", "targets", "format", "weights", "input activations"):
         groups.add_column(col)
     for g in report["config_groups"]:
-        groups.add_row(g["name"], ", ".join(g["targets"]), g["format"] or "-", _args_text(g["weights"]), _args_text(g["input_activations"]))
+        groups.add_row(safe(g["name"]), safe(", ".join(g["targets"])), safe(g["format"] or "-"),
+                       _args_text(g["weights"]), _args_text(g["input_activations"]))
     console.out.print(groups)
     if report["sparsity_config"]:
         sc = report["sparsity_config"]
-        console.out.print(f"[bold]sparsity[/] {sc['format']} ({sc['structure']})")
+        console.out.print(f"[bold]sparsity[/] {safe(sc['format'])} ({safe(sc['structure'])})")
     targets = [k for k in (report["modules"][0]["targets"] if report["modules"] else {})]
     usable = {k: sum(m["targets"][k] for m in report["modules"]) for k in targets}
     if targets:
@@ -114,9 +117,9 @@ def render(report: dict, show_modules: bool) -> None:
             )
         )
     for w in report["warnings"]:
-        console.out.print(f"[yellow]warning:[/] {w}")
+        console.out.print(f"[yellow]warning:[/] {safe(w)}")
     for tr in report["online_transforms"]:
-        console.out.print(f"[red]online transform:[/] {tr} (repack is refused: the weights alone are not the model)")
+        console.out.print(f"[red]online transform:[/] {safe(tr)} (repack is refused: the weights alone are not the model)")
     if not show_modules:
         if report["modules"]:
             console.out.print("[dim]Add --modules for one row per module.[/]")
@@ -127,15 +130,17 @@ def render(report: dict, show_modules: bool) -> None:
     for m in report["modules"]:
         w = m["weights"] or {}
         table.add_row(
-            m["name"],
-            m["format"] + (f" {m['sparsity']}" if m["sparsity"] else ""),
-            str(w.get("num_bits", "-")),
-            w.get("type", "-"),
-            {True: "yes", False: "no"}.get(w.get("symmetric"), "-"),
-            w.get("strategy", "-"),
-            str(w.get("group_size") or "-"),
-            "x".join(map(str, m["shape"])),
-            " ".join(k for k, ok in m["targets"].items() if ok),
-            "; ".join(f"{k}: {v}" for k, v in m["reasons"].items()),
+            *map(safe, (
+                m["name"],
+                m["format"] + (f" {m['sparsity']}" if m["sparsity"] else ""),
+                w.get("num_bits", "-"),
+                w.get("type", "-"),
+                {True: "yes", False: "no"}.get(w.get("symmetric"), "-"),
+                w.get("strategy", "-"),
+                w.get("group_size") or "-",
+                "x".join(map(str, m["shape"])),
+                " ".join(k for k, ok in m["targets"].items() if ok),
+                "; ".join(f"{k}: {v}" for k, v in m["reasons"].items()),
+            ))
         )
     console.out.print(table)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import time
 from pathlib import Path
 
 from ct_convert import __version__, console
 from ct_convert.errors import VerificationFailed
+from ct_convert.manifest import NAME as MANIFEST, encode as encode_manifest
 from ct_convert.output import OutputFolder, write_bytes_with_hash
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.readers.targets import open_output
@@ -34,7 +34,7 @@ def repack(source: str, output: str | Path, opts: RepackOptions, *, revision: st
             with console.progress_bar("verify", total, show_progress) as advance:
                 _verify_into(reader, tmp, report, advance, opts.workers)
         manifest = _manifest(source, ckpt.revision, opts, report)
-        write_bytes_with_hash(tmp / "ct-convert.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        write_bytes_with_hash(tmp / MANIFEST, encode_manifest(manifest))
         folder.commit()
     return {
         "source": source,

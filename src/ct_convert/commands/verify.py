@@ -8,11 +8,12 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from ct_convert import console
+from ct_convert import console, manifest
+from ct_convert.console import safe
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.readers.targets import open_output
 from ct_convert.source import resolve
-from ct_convert.verify import ModuleResult, check_manifest, compare
+from ct_convert.verify import ModuleResult, compare
 
 
 def verify_pair(source: str, output: Path, atol: float | None, revision: str | None, show_progress: bool) -> list[ModuleResult]:
@@ -28,11 +29,11 @@ def render_results(results: list[ModuleResult]) -> None:
         table.add_column(col)
     for r in results:
         table.add_row(
-            r.module,
+            safe(r.module),
             f"{r.max_abs_error:.3g}",
             f"{r.rel_error:.3g}",
             "yes" if r.exact else "no",
-            "[green]ok[/]" if r.ok else f"[red]MISMATCH[/] {r.note}",
+            "[green]ok[/]" if r.ok else f"[red]MISMATCH[/] {safe(r.note)}",
         )
     console.out.print(table)
     bad = sum(not r.ok for r in results)
@@ -40,4 +41,4 @@ def render_results(results: list[ModuleResult]) -> None:
 
 
 def manifest_problems(output: Path) -> list[dict]:
-    return check_manifest(output)
+    return manifest.check(output)

@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,15 @@ import gguf
 
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.jsonfile import load_json
+from ct_convert.regular_files import open_regular_file, require_regular
 from ct_convert.writers.gguf import header
 from ct_convert.writers.gguf.pre_tokenizers import CHECK_TEXT, PRE_BY_HASH
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "tokenizer_config.json")
 SPECIAL_VOCAB_JSON = ("tokenizer_config.json", "chat_template.json", "config.json")
+# what gguf.SpecialVocab opens besides those (it skips what is not a regular file, so a FIFO or device
+# there would silently drop the chat template instead of being refused)
+SPECIAL_VOCAB_FILES = ("merges.txt", "chat_template.jinja")
 _HINT = "Pass --vocab-from FILE.gguf (a GGUF of the same base model) to take its vocabulary."
 T, V = gguf.Keys.Tokenizer, gguf.GGUFValueType
 _SPM_UNUSED_SCORE = -10000.0  # [PAD] fill inside a SentencePiece vocabulary
@@ -105,7 +110,7 @@ def load(source: Path, config: dict, n_vocab: int, vocab_from: Path | None, stri
 
 
 def _none(source: Path) -> Vocab:
-    present = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+    present = [f for f in TOKENIZER_FILES if _present(source / f)]
     if any(f != "tokenizer_config.json" for f in present):
         raise UnsupportedConversion(f"{source / present[0]}: this tokenizer cannot be converted to GGUF for this architecture", hint=_HINT)
     why = "has only a tokenizer_config.json (no vocabulary file)" if present else "has no tokenizer files"
@@ -120,9 +125,17 @@ def _vocab_size(config: dict) -> int | None:
     return int(merged["vocab_size"]) if merged.get("vocab_size") else None
 
 
+def _present(path: Path) -> bool:
+    """Whether a tokenizer file is there; one that is there but is not a regular file is refused."""
+    if not os.path.lexists(path):
+        return False
+    require_regular(path)
+    return True
+
+
 def _tokenizer_config(source: Path) -> dict:
     path = source / "tokenizer_config.json"
-    if not path.is_file():
+    if not _present(path):
         return {}
     return load_json(path)
 
@@ -131,11 +144,21 @@ def _tokenizer_class(source: Path) -> str | None:
     return _tokenizer_config(source).get("tokenizer_class")
 
 
+def _check_side_files(source: Path) -> None:
+    """gguf-py's SpecialVocab and transformers parse these without bounds or checks: refuse a bad one
+    here, naming it, before either reads it."""
+    for name in SPECIAL_VOCAB_JSON:
+        if _present(source / name):
+            load_json(source / name)
+    for name in SPECIAL_VOCAB_FILES:
+        _present(source / name)
+    for extra in sorted((source / "additional_chat_templates").glob("*.jinja")):
+        require_regular(extra)
+
+
 def _special_vocab(source: Path, **kw) -> gguf.SpecialVocab:
     logging.getLogger("gguf").setLevel(logging.ERROR)  # SpecialVocab logs every key it finds
-    for name in SPECIAL_VOCAB_JSON:  # gguf-py's SpecialVocab parses these without bounds or checks
-        if (source / name).is_file():
-            load_json(source / name)
+    _check_side_files(source)
     try:
         return gguf.SpecialVocab(source, **kw)
     except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
@@ -156,7 +179,7 @@ def looks_special(token: str) -> bool:
 
 
 def _spm(source: Path, config: dict, size: int, strict: bool, rules: Rules, phi3: bool = False) -> Vocab | None:
-    if not (source / "tokenizer.model").is_file():
+    if not _present(source / "tokenizer.model"):
         return None
     try:
         import sentencepiece  # noqa: F401  (gguf.SentencePieceVocab needs it)
@@ -190,7 +213,7 @@ def _spm(source: Path, config: dict, size: int, strict: bool, rules: Rules, phi3
         overlay(int(i), text, gguf.TokenType.USER_DEFINED)
     decoder = _tokenizer_config(source).get("added_tokens_decoder") or {}
     added = [(int(i), d["content"], bool(d.get("special"))) for i, d in decoder.items()]
-    if phi3 and (source / "tokenizer.json").is_file():
+    if phi3 and _present(source / "tokenizer.json"):
         added += [(int(d["id"]), d["content"], bool(d.get("special"))) for d in load_json(source / "tokenizer.json").get("added_tokens", [])]
     for i, text, special in added:
         if phi3:
@@ -212,8 +235,8 @@ def _spm(source: Path, config: dict, size: int, strict: bool, rules: Rules, phi3
 
 
 def _spm_phi3(source: Path, config: dict, size: int, strict: bool, rules: Rules) -> Vocab | None:
-    if not (source / "tokenizer.model").is_file():
-        if (source / "tokenizer.json").is_file():
+    if not _present(source / "tokenizer.model"):
+        if _present(source / "tokenizer.json"):
             raise UnsupportedConversion(
                 f"{source}: llama.cpp converts a Phi-3 tokenizer only from tokenizer.model (or tokenizer_class GPT2Tokenizer)", hint=_HINT
             )
@@ -226,7 +249,7 @@ def _spm_phi3(source: Path, config: dict, size: int, strict: bool, rules: Rules)
 
 def _model_type(source: Path) -> tuple[str | None, dict]:
     path = source / "tokenizer.json"
-    if not path.is_file():
+    if not _present(path):
         return None, {}
     raw = load_json(path)
     return (raw.get("model") or {}).get("type"), raw
@@ -278,6 +301,7 @@ def _auto_tokenizer(source: Path):
         raise UnsupportedConversion(
             f"{source / 'tokenizer.json'}: converting a BPE tokenizer needs the transformers package", hint="pip install transformers, or " + _HINT
         ) from None
+    _check_side_files(source)
     try:  # never remote code: a tokenizer class that needs it is refused here
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises many types for unreadable or remote-code tokenizers
@@ -286,7 +310,7 @@ def _auto_tokenizer(source: Path):
 
 def _gpt2(source: Path, config: dict, size: int, strict: bool, rules: Rules) -> Vocab | None:
     kind, _ = _model_type(source)
-    if kind is None and not (source / "vocab.json").is_file():
+    if kind is None and not _present(source / "vocab.json"):
         return None
     _refuse_other_models(source, kind)
     tok = _auto_tokenizer(source)
@@ -352,7 +376,7 @@ def _tiktoken(source: Path, config: dict, size: int, strict: bool, rules: Rules)
     rank order, merges rebuilt by replaying BPE on each token, the KIMI_RESERVED ids after the ranks
     special (named by added_tokens_decoder, else <|reserved_token_i|>), pre-tokenizer kimi-k2."""
     path = source / "tiktoken.model"
-    if not path.is_file():
+    if not _present(path):
         return None
     ranks = _read_ranks(path)
     to_text = gguf.vocab.bytes_to_unicode()
@@ -392,7 +416,9 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     """tiktoken.model: one `base64(token bytes) rank` per line, in file order."""
     ranks = {}
     try:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        with open_regular_file(path, "r", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             token, rank = line.split()
@@ -431,6 +457,7 @@ _KINDS = {"spm": _spm, "spm_phi3": _spm_phi3, "llama_hf": _llama_hf, "gpt2": _gp
 
 def check_vocab_from(path: Path) -> None:
     """Refuse an unreadable --vocab-from before any output exists."""
+    require_regular(Path(path))
     _read_tokenizer_fields(Path(path))
 
 
