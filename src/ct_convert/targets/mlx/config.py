@@ -43,11 +43,13 @@ def legacy_keys(config: dict) -> list[str]:
                 config["rope_local_base_freq"] = local["rope_theta"]
                 added.append("rope_local_base_freq (from rope_parameters)")
             rope = full
-        if "rope_theta" not in config and "rope_theta" in rope:
-            config["rope_theta"] = rope["rope_theta"]
-            added.append("rope_theta (from rope_parameters)")
-        if config.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
-            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in config and key in rope:
+                config[key] = rope[key]
+                added.append(f"{key} (from rope_parameters)")
+        if "rope_scaling" not in config:  # glm4_moe requires the key; null means none
+            scaled = rope.get("rope_type", "default") != "default"
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} if scaled else None
             added.append("rope_scaling (from rope_parameters)")
     if config.get("model_type") in ("qwen3_moe", "qwen2_moe") and "num_experts" not in config and "num_local_experts" in config:
         config["num_experts"] = config["num_local_experts"]

@@ -44,8 +44,14 @@ def choose(info: ModuleInfo) -> tuple[Params | None, str | None]:
     s = info.scheme
     if info.encoding is Encoding.DENSE or s is None:
         return None, "weights are stored unquantized (dense); there are no codes to repack"
-    if info.input_activations:
+    p, why = _mode(info)
+    if why is None and info.input_activations:
         return None, "its input activations are quantized too; MLX weight-only layers would drop that"
+    return p, why
+
+
+def _mode(info: ModuleInfo) -> tuple[Params | None, str | None]:
+    s = info.scheme
     k = info.in_features
     if info.encoding is Encoding.INT:
         if s.num_bits not in AFFINE_BITS:

@@ -20,7 +20,6 @@ from ct_convert.source import load_json
 from ct_convert.targets.mlx import layout
 from ct_convert.tensorstore import read_header, read_tensor
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _BAND = 1 << 22  # bits expanded per band of rows when unpacking
 
 
@@ -56,8 +55,6 @@ class MLXOutput:
         q = self.config.get("quantization")
         self.quantization = q if isinstance(q, dict) else {}
         self.arch = layout.architecture(self.config)
-        name = self.config.get("torch_dtype") or self.config.get("dtype")
-        self.dtype = _DTYPES.get(name, torch.bfloat16)
         self._fds: dict[Path, int] = {}
 
     # -- reading -------------------------------------------------------------------------------
@@ -114,6 +111,8 @@ class MLXOutput:
         return GroupCodes(lambda: unpack_codes(words, bits), zeros.t(), scales.t(), stream=words.view(torch.int32))
 
     def dequantize(self, module: str) -> torch.Tensor | None:
+        """Quantized layers in float32, exact for bf16/fp16 scales (s * q + b = s * (q - z) has at most
+        20 significant bits, E2M1/E4M3 values times E4M3/E8M0 scales at most 8); float layers as stored."""
         q = self._quantized(module)
         if q is None:
             path, expert = self._locate(module)
@@ -121,9 +120,11 @@ class MLXOutput:
         path, words, scales, biases, mode, bits, gs = q
         lead = words.shape[:-1]
         if mode == layout.AFFINE:
-            u = unpack_codes(words.reshape(-1, words.shape[-1]), bits).reshape(*lead, -1, gs).to(torch.float32)
-            w = u.mul_(scales.to(torch.float32).unsqueeze(-1)).add_(biases.to(torch.float32).unsqueeze(-1))
-            return w.reshape(*lead, -1).to(scales.dtype)
+            # float32 scales: s * q + b needs up to 33 bits, so it is computed in float64 and rounded once
+            work = torch.float64 if scales.dtype == torch.float32 else torch.float32
+            u = unpack_codes(words.reshape(-1, words.shape[-1]), bits).reshape(*lead, -1, gs).to(work)
+            w = u.mul_(scales.to(work).unsqueeze(-1)).add_(biases.to(work).unsqueeze(-1))
+            return w.reshape(*lead, -1).to(torch.float32)
         by = words.contiguous().view(torch.uint8)
         if bits == 4:
             nibbles = torch.stack((by & 0xF, by >> 4), dim=-1).reshape(*lead, -1)
@@ -137,7 +138,7 @@ class MLXOutput:
         else:
             scale = torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - layout.E8M0_BIAS)
         w = values.reshape(*lead, -1, gs).mul_(scale.unsqueeze(-1))
-        return w.reshape(*lead, -1).to(self.dtype)
+        return w.reshape(*lead, -1)
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.store.get(name) if name in self.store else None
