@@ -380,3 +380,44 @@ def test_mlx_bf16_dequantize_rounds_twice(cli, tmp_path):
         differ += int((got.view(torch.int16) != want.view(torch.int16)).sum())
         total += want.numel()
     assert 0.4 < differ / total < 0.7
+
+
+def test_stacked_3d_experts_map_to_switch_mlp_or_are_refused(cli, tmp_path):
+    """compressed-tensors §8.5 stacked experts: experts.down_proj [E, N, K] is mlx-lm's switch_mlp
+    down_proj as it is; a fused gate_up_proj has no mlx-lm layer and is refused by name."""
+    src = tmp_path / "src"
+    e, n, k = 2, 64, 128
+    g = torch.Generator().manual_seed(0)
+    t = {"model.embed_tokens.weight": torch.randn(8, n, generator=g).bfloat16()}
+    for name, shape in (("down_proj", (e, n, k)), ("gate_up_proj", (e, 2 * k, n))):
+        base = f"model.layers.0.mlp.experts.{name}"
+        t[f"{base}.weight_packed"] = pack_to_int32(torch.randint(-8, 8, shape, generator=g, dtype=torch.int8), 4)
+        t[f"{base}.weight_scale"] = (torch.rand(*shape[:2], shape[2] // 32, generator=g) + 0.5).bfloat16()
+        t[f"{base}.weight_shape"] = torch.tensor(shape)
+    src.mkdir()
+    save_file(t, src / "model.safetensors")
+    weights = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 32}
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "torch_dtype": "bfloat16", "num_experts": e,
+              "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "version": "0.20.0",
+                                      "config_groups": {"g": {"targets": ["re:.*experts.*"], "weights": weights}}}}
+    (src / "config.json").write_text(json.dumps(config))
+    r = cli("repack", src, tmp_path / "out", "--target", "mlx", "--keep-unsupported", "dense")
+    assert r.code == 2 and "experts.gate_up_proj" in r.err and "no layer" in r.err
+    del t["model.layers.0.mlp.experts.gate_up_proj.weight_packed"]
+    for suffix in ("weight_scale", "weight_shape"):
+        del t[f"model.layers.0.mlp.experts.gate_up_proj.{suffix}"]
+    save_file(t, src / "model.safetensors")
+    out = tmp_path / "out"
+    repack(cli, src, out)
+    got = load_file(out / "model.safetensors")["model.layers.0.mlp.switch_mlp.down_proj.weight"]
+    assert got.shape == (e, n, k // 8)
+    assert torch.equal(got.view(torch.int32), t["model.layers.0.mlp.experts.down_proj.weight_packed"])
+
+
+def test_dtype_float16_stores_scales_and_biases_in_float16(cli, tmp_path):
+    out = tmp_path / "out"
+    repack(cli, mlx_models.build(tmp_path / "src", "llama"), out, "--dtype", "float16")
+    t = load_file(out / "model.safetensors")
+    m = "model.layers.0.self_attn.q_proj"
+    assert t[f"{m}.scales"].dtype == t[f"{m}.biases"].dtype == t["model.norm.weight"].dtype == torch.float16
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"

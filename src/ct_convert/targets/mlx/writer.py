@@ -148,9 +148,12 @@ class MLXWriter:
             infos = [reader.modules[m] for m in modules]
             layer = Layer(path, modules, stacked, min(_order_key(reader, t) for i in infos for t in i.tensors.values()))
             for info in infos:
+                if len(info.shape) == 3 and path == info.name:  # not even a float copy would load
+                    raise UnsupportedConversion(
+                        f"{info.name}: experts stacked in one tensor {list(info.shape)} under a name mlx-lm has no layer for",
+                        hint="mlx-lm holds experts as switch_mlp.{gate,up,down}_proj; fused gate_up_proj tensors are not split.",
+                    )
                 why = self.refusal(info, opts)
-                if why is None and len(info.shape) == 3 and path == info.name:
-                    why = f"stacked expert weights {list(info.shape)} under a name mlx-lm does not hold as a switch_mlp layer"
                 if why is not None:
                     layer.reasons[info.name] = why
             chosen = {choose(i)[0] for i in infos}
