@@ -141,7 +141,7 @@ class MLXWriter:
             stacked = bool(experts)
             if stacked and (len(experts) != len(members) or experts != list(range(n_experts or len(experts)))):
                 raise UnsupportedConversion(
-                    f"{path}: experts {experts[:8]}{'…' if len(experts) > 8 else ''} found, expected 0..{(n_experts or 0) - 1} "
+                    f"{path}: experts {experts[:8]}{'…' if len(experts) > 8 else ''} found, expected 0..{(n_experts or len(experts)) - 1} "
                     "(mlx-lm stacks every expert of a layer into one switch_mlp tensor)"
                 )
             modules = [n for _, n in sorted(members, key=lambda m: m[0] if m[0] is not None else -1)]
@@ -175,7 +175,7 @@ class MLXWriter:
             info = reader.modules[m]
             return data_reason(reader.read(m), layer.params, opts.dtype or info.dtype)
 
-        for (layer, m), why in zip(todo, ordered_map(check, todo, opts.workers)):
+        for (layer, m), why in zip(todo, ordered_map(check, todo, max(1, opts.workers))):
             if why is not None:
                 layer.reasons[m] = why
         for layer in layers:
