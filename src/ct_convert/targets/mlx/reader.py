@@ -102,13 +102,12 @@ class MLXOutput:
         if q is None or q[4] != layout.AFFINE or q[1].dim() != 2:
             return None
         _, words, scales, biases, _, bits, _ = q
-        s = scales.to(torch.float64)
-        z = -biases.to(torch.float64) / torch.where(s == 0, 1.0, s)
-        whole = (z == z.round()) & (z >= 0) & (z < (1 << bits)) & ((s != 0) | (biases == 0))
-        if not bool(whole.all()):
+        # b = -z * s exactly, so -b / s rounds to z exactly; a zero scale gives NaN or Inf and fails
+        z = biases.to(torch.float32).neg_().div_(scales.to(torch.float32))
+        whole = z.round()
+        if not (torch.equal(whole, z) and float(whole.min()) >= 0 and float(whole.max()) < (1 << bits)):
             return None  # not a zero-point form: compared dequantized
-        zeros = torch.where(s == 0, 0.0, z).to(torch.int16)
-        return GroupCodes(lambda: unpack_codes(words, bits), zeros.t(), scales.t(), stream=words.view(torch.int32))
+        return GroupCodes(lambda: unpack_codes(words, bits), whole.to(torch.int16).t(), scales.t(), stream=words.view(torch.int32))
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         """Quantized layers in float32, exact for bf16/fp16 scales (s * q + b = s * (q - z) has at most
