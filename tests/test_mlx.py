@@ -421,3 +421,30 @@ def test_dtype_float16_stores_scales_and_biases_in_float16(cli, tmp_path):
     m = "model.layers.0.self_attn.q_proj"
     assert t[f"{m}.scales"].dtype == t[f"{m}.biases"].dtype == t["model.norm.weight"].dtype == torch.float16
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def one_inexact_expert(tmp_path):
+    """Asymmetric Qwen3-MoE where one scale of expert 2's gate_proj makes -z*s miss bf16."""
+    src = mlx_models.build(tmp_path / "src", "qwen3_moe", symmetric=False)
+    t = load_file(src / "model.safetensors")
+    name = "model.layers.1.mlp.experts.2.gate_proj.weight_scale"
+    t[name][0, 0] = 0.0123  # 8 significant bits: times an odd zero point it needs more
+    zp = "model.layers.1.mlp.experts.2.gate_proj.weight_zero_point"
+    z = torch.zeros(t[name].shape, dtype=torch.int8) - 5  # unsigned zero point 3 everywhere
+    t[zp] = pack_to_int32(z, 4, packed_dim=0)
+    save_file(t, src / "model.safetensors")
+    return src
+
+
+def test_an_inexact_expert_keeps_its_whole_layer_in_float(cli, tmp_path):
+    src = one_inexact_expert(tmp_path)
+    r = cli("repack", src, tmp_path / "refused", "--target", "mlx")
+    assert r.code == 2 and "experts.2.gate_proj" in r.err and "-z*s of 1 group" in r.err
+    out = tmp_path / "out"
+    summary = repack(cli, src, out, "--keep-unsupported", "dense")
+    layer = "model.layers.1.mlp.switch_mlp.gate_proj"
+    assert sorted(summary["unconverted"]) == [f"model.layers.1.mlp.experts.{e}.gate_proj" for e in range(4)]
+    t = load_file(out / "model.safetensors")
+    assert t[f"{layer}.weight"].dtype == torch.bfloat16 and t[f"{layer}.weight"].shape == (4, 64, 64)
+    assert f"{layer}.scales" not in t and "model.layers.1.mlp.switch_mlp.up_proj.scales" in t
+    assert json.loads((out / "config.json").read_text())["quantization"][layer] is False

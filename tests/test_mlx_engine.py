@@ -126,3 +126,9 @@ def test_deepseek_kv_b_proj_is_written_in_float_when_asked(cli, tmp_path):
     out, _, _ = check(cli, tmp_path, src, "--keep-unsupported", "dense")
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["model.layers.1.self_attn.kv_b_proj"] is False
+
+
+def test_a_float_expert_layer_among_quantized_ones(cli, tmp_path):
+    from test_mlx import one_inexact_expert
+
+    check(cli, tmp_path, one_inexact_expert(tmp_path), "--keep-unsupported", "dense")
