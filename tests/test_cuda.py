@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 CASES = [
     ("w4a16-g128", "dense"), ("w4a16-asym-g128", "awq"), ("w4a16-g128", "gptq"), ("legacy-0.8.1-actorder-group", "gptq"),
     ("marlin-ok-w4a16", "marlin"), ("nvfp4a16", "dense"), ("mxfp4a16", "dense"), ("w3a16-g128", "gptq"), ("fp8-block", "dense"),
+    ("w3a16-g128", "mlx"), ("legacy-0.14-w3a16", "mlx"), ("moe-w4a16", "mlx"), ("mxfp6a16", "mlx"),
 ]
 
 

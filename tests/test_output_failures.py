@@ -7,7 +7,7 @@ import pytest
 from conftest import FIXTURES
 
 
-@pytest.mark.parametrize("fixture,target", [("w4a16-g128", "dense"), ("gguf/qwen3moe-w4a16", "gguf")])
+@pytest.mark.parametrize("fixture,target", [("w4a16-g128", "dense"), ("gguf/qwen3moe-w4a16", "gguf"), ("moe-w4a16", "mlx")])
 def test_disk_full_mid_write(cli, tmp_path, monkeypatch, fixture, target):
     from ct_convert.sink import HashingSink
 

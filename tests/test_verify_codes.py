@@ -27,6 +27,10 @@ CASES = [
     ("w8a16-g128", "gguf"),  # Q8_0
     ("gguf/qwen3moe-w4a16", "gguf"),  # stacked experts, one expert a module
     ("w4a16-g128", "trtllm"),  # W4A16_AWQ: fused q/k/v rows
+    ("w3a16-g128", "mlx"),  # affine words: the stream itself
+    ("legacy-0.14-w3a16", "mlx"),  # codes-per-word source: compared through the unpacked codes
+    ("w4a16-channel", "mlx"),  # one source group becomes K/128 MLX groups
+    ("moe-w4a16", "mlx"),  # stacked switch_mlp experts, one expert a module
 ]
 
 
@@ -90,6 +94,7 @@ def _flip(path, tensor, index, xor):
         ("w4a16-asym-g128", "awq", "qweight", 0x100),
         ("w4a16-asym-g128", "awq", "scales", 0x1),  # one ulp of one scale
         ("marlin-ok-w4a16", "marlin", "B", 0x1000),
+        ("w3a16-g128", "mlx", "weight", 0x40),  # one bit of a 3-bit code
     ],
 )
 def test_a_changed_code_zero_or_scale_is_found(cli, tmp_path, fixture, target, suffix, xor):

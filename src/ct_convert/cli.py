@@ -32,6 +32,7 @@ class Target(str, Enum):
     marlin = "marlin"
     trtllm = "trtllm"
     gguf = "gguf"
+    mlx = "mlx"
 
 
 class DType(str, Enum):

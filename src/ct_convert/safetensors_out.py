@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -81,6 +82,23 @@ class SafetensorsFileWriter:
             )
         self._next += 1
         self._sink.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def add_stacked(self, name: str, slices: Iterable[torch.Tensor]) -> None:
+        """A tensor planned as [E, ...] written one slice [...] at a time (stacked MoE experts), so the
+        whole never exists in memory."""
+        spec = self.specs[self._next]
+        count = 0
+        for t in slices:
+            if name != spec.name or t.dtype != spec.dtype or tuple(t.shape) != tuple(spec.shape[1:]) or count == spec.shape[0]:
+                raise RuntimeError(
+                    f"internal error: produced slice {count} of {name} {t.dtype} {list(t.shape)}, "
+                    f"planned {spec.name} {spec.dtype} {list(spec.shape)}"
+                )
+            self._sink.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            count += 1
+        if count != spec.shape[0]:
+            raise RuntimeError(f"internal error: {name} got {count} of {spec.shape[0]} planned slices")
+        self._next += 1
 
     def close(self) -> str:
         if self._next != len(self.specs):

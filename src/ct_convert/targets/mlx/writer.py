@@ -1,0 +1,331 @@
+"""`--target mlx`: the folder mlx-lm loads as it loads its own `mlx_lm.convert -q` output.
+
+Weights are named as mlx-lm's model class holds them after its `sanitize` (MoE experts stacked into
+`switch_mlp` layers), each quantized module in the MLX mode that holds it exactly (encode.py), with
+config.json's `quantization` block listing per-layer overrides and `false` for layers kept in float.
+Work is streamed like the other Hugging Face style targets: shards planned from headers (plus a scan
+of the scales and zero points, which decides exactness), modules converted by a bounded pool of
+threads, written in order; a stacked expert tensor is written one expert at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ct_convert.errors import UnsupportedConversion
+from ct_convert.output import copy_with_hash, write_bytes_with_hash
+from ct_convert.parallel import ordered_map
+from ct_convert.qweight import ModuleInfo
+from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
+from ct_convert.targets.mlx import layout
+from ct_convert.targets.mlx.config import mlx_config, quantization_block
+from ct_convert.targets.mlx.encode import Params, choose, data_reason, encode, specs
+from ct_convert.writers.base import Progress, RepackOptions, WriteReport, exact_cast, register
+from ct_convert.writers.hf import DENSE_FALLBACK
+
+_HINT = "Pass --keep-unsupported dense to write such modules dequantized, or choose another --target."
+
+
+@dataclass
+class Job:
+    """One unit of work, in file order: a module (all its tensors, or one of them for a stacked
+    layer's slice), a module dequantized, or a carried tensor."""
+
+    source: str
+    kind: str  # "module" | "dense" | "tensor"
+    dtype: torch.dtype
+    params: Params | None = None
+    part: str | None = None  # the one tensor wanted ("weight", "scales", "biases"); None: all
+    source_bytes: int = 0  # progress reported when the job is written
+    cost: int = 0  # estimated working memory
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    jobs: list[int]  # indexes into Plan.jobs: one, or one per expert slice when `stacked`
+    key: str  # which of the job's results this tensor is
+    stacked: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class Plan:
+    tensors: list[OutTensor] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
+    converted: dict[str, Params] = field(default_factory=dict)  # mlx layer path -> its quantization
+    kept_float: set[str] = field(default_factory=set)  # mlx layer paths written in float
+    report: WriteReport = field(default_factory=WriteReport)
+
+
+@dataclass
+class Layer:
+    """One mlx-lm linear layer and the source modules it is made of (one, or every expert)."""
+
+    path: str
+    modules: list[str]
+    stacked: bool
+    order: tuple
+    params: Params | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+def _name_refusal(name: str) -> str | None:
+    if name.endswith(".self_attn.kv_b_proj"):
+        # deepseek_v3.sanitize dequantizes it, splits and transposes it, and quantizes both halves again
+        return "mlx-lm re-quantizes kv_b_proj at load (it splits and transposes it), so it cannot stay exact"
+    return None
+
+
+@register
+class MLXWriter:
+    name = "mlx"
+
+    def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        return _name_refusal(info.name) or choose(info)[1]
+
+    def check(self, reader, opts: RepackOptions) -> None:
+        if reader.online_transforms:
+            raise UnsupportedConversion(
+                f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
+                hint="The weights alone are not the model; MLX cannot apply the transform.",
+            )
+        self.plan(reader, opts, scan=False)
+
+    # -- planning ------------------------------------------------------------------------------
+    def plan(self, reader, opts: RepackOptions, scan: bool) -> Plan:
+        arch = _architecture(reader.config)
+        layers = self._layers(reader, arch, opts)
+        if scan:
+            self._scan(reader, layers, opts)
+        plan = Plan()
+        refused = [(m, why) for layer in layers for m, why in layer.reasons.items()]
+        if refused and opts.keep_unsupported != DENSE_FALLBACK:
+            name, why = refused[0]
+            more = f" (and {len(refused) - 1} more modules)" if len(refused) > 1 else ""
+            raise UnsupportedConversion(f"{name}: cannot be written as mlx: {why}{more}", hint=_HINT)
+        units = [(layer.order, "layer", layer) for layer in layers]
+        for t in reader.passthrough():
+            if reader.is_quantization_param(t):
+                plan.report.dropped.append(t)
+            else:
+                units.append((_order_key(reader, t), "tensor", t))
+        for _, kind, unit in sorted(units, key=lambda u: u[0]):
+            if kind == "tensor":
+                self._add_tensor(reader, plan, unit, opts)
+            else:
+                self._add_layer(reader, plan, unit, opts)
+        for m in reader.unquantized:
+            plan.kept_float.add(arch.locate(m)[0])
+        return plan
+
+    def _layers(self, reader, arch: layout.Architecture, opts: RepackOptions) -> list[Layer]:
+        grouped: dict[str, list[tuple[int | None, str]]] = {}
+        for name in reader.modules:
+            path, expert = arch.locate(name)
+            grouped.setdefault(path, []).append((expert, name))
+        n_experts = arch.num_experts(reader.config)
+        layers = []
+        for path, members in grouped.items():
+            experts = sorted(e for e, _ in members if e is not None)
+            stacked = bool(experts)
+            if stacked and (len(experts) != len(members) or experts != list(range(n_experts or len(experts)))):
+                raise UnsupportedConversion(
+                    f"{path}: experts {experts[:8]}{'…' if len(experts) > 8 else ''} found, expected 0..{(n_experts or len(experts)) - 1} "
+                    "(mlx-lm stacks every expert of a layer into one switch_mlp tensor)"
+                )
+            modules = [n for _, n in sorted(members, key=lambda m: m[0] if m[0] is not None else -1)]
+            infos = [reader.modules[m] for m in modules]
+            layer = Layer(path, modules, stacked, min(_order_key(reader, t) for i in infos for t in i.tensors.values()))
+            for info in infos:
+                if len(info.shape) == 3 and path == info.name:  # not even a float copy would load
+                    raise UnsupportedConversion(
+                        f"{info.name}: experts stacked in one tensor {list(info.shape)} under a name mlx-lm has no layer for",
+                        hint="mlx-lm holds experts as switch_mlp.{gate,up,down}_proj; fused gate_up_proj tensors are not split.",
+                    )
+                why = self.refusal(info, opts)
+                if why is not None:
+                    layer.reasons[info.name] = why
+            chosen = {choose(i)[0] for i in infos}
+            if not layer.reasons and len(chosen) > 1:
+                layer.reasons = {m: "the experts of this layer are quantized differently; MLX stacks them in one layer" for m in modules}
+            if stacked and len({i.shape for i in infos}) > 1:
+                raise UnsupportedConversion(f"{path}: its experts have different shapes; mlx-lm stacks them into one tensor")
+            if not layer.reasons:
+                layer.params = chosen.pop()
+            layers.append(layer)
+        return layers
+
+    def _scan(self, reader, layers: list[Layer], opts: RepackOptions) -> None:
+        """Decide exactness from the stored scales and zero points (codes are not read)."""
+        todo = [(layer, m) for layer in layers if layer.params is not None for m in layer.modules]
+
+        def check(item):
+            layer, m = item
+            info = reader.modules[m]
+            return data_reason(reader.read(m), layer.params, opts.dtype or info.dtype)
+
+        for (layer, m), why in zip(todo, ordered_map(check, todo, max(1, opts.workers))):
+            if why is not None:
+                layer.reasons[m] = why
+        for layer in layers:
+            if layer.reasons:
+                layer.params = None
+
+    def _add_layer(self, reader, plan: Plan, layer: Layer, opts: RepackOptions) -> None:
+        infos = [reader.modules[m] for m in layer.modules]
+        dtype = opts.dtype or infos[0].dtype
+        lead = (len(infos),) if layer.stacked else ()
+        src_bytes = [sum(reader.store.meta(t).nbytes for t in i.tensors.values()) for i in infos]
+        if layer.params is None:
+            out_specs = [("weight", dtype, infos[0].shape)]
+            for m in layer.modules:
+                why = layer.reasons.get(m) or f"another expert of {layer.path} cannot be held exactly"
+                plan.report.fallbacks.append({"module": m, "tensor": f"{layer.path}.weight", "written_as": "dense", "reason": why})
+            plan.kept_float.add(layer.path)
+        else:
+            out_specs = specs(infos[0], layer.params, dtype)
+            plan.converted[layer.path] = layer.params
+        status = "converted" if layer.params is not None else "dense"
+        for e, m in enumerate(layer.modules):
+            entry = {"status": status, "tensor": layer.path}
+            if layer.params is not None:
+                entry.update(layer.params.as_json())
+            if layer.stacked:
+                entry["expert"] = e
+            plan.report.modules[m] = entry
+        kind = "module" if layer.params is not None else "dense"
+
+        def job(i: int, part: str | None) -> int:
+            out = sum(math.prod(s) * d.itemsize for n, d, s in out_specs if part in (None, n))
+            plan.jobs.append(Job(layer.modules[i], kind, dtype, layer.params, part,
+                                 src_bytes[i] if part in (None, "weight") else 0,
+                                 2 * (src_bytes[i] + out) + math.prod(infos[i].shape)))
+            return len(plan.jobs) - 1
+
+        if not layer.stacked:
+            j = job(0, None)
+            for suffix, d, shape in out_specs:
+                plan.tensors.append(OutTensor(f"{layer.path}.{suffix}", d, tuple(shape), [j], suffix))
+            return
+        for suffix, d, shape in out_specs:
+            jobs = [job(i, suffix) for i in range(len(infos))]
+            plan.tensors.append(OutTensor(f"{layer.path}.{suffix}", d, (*lead, *shape), jobs, suffix, stacked=True))
+
+    def _add_tensor(self, reader, plan: Plan, name: str, opts: RepackOptions) -> None:
+        m = reader.store.meta(name)
+        dtype = m.torch_dtype
+        if opts.dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
+            dtype = opts.dtype
+        plan.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=2 * m.nbytes))
+        plan.tensors.append(OutTensor(name, dtype, tuple(m.shape), [len(plan.jobs) - 1], ""))
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
+        plan = self.plan(reader, opts, scan=True)
+        report = plan.report
+        order = list(dict.fromkeys(j for t in plan.tensors for j in t.jobs))
+        results = ordered_map(lambda j: (j, self._run(reader, plan.jobs[j], opts)), order, max(1, opts.workers),
+                              cost=lambda j: plan.jobs[j].cost)
+        current: dict[int, dict] = {}
+
+        def result(j: int) -> dict[str, torch.Tensor]:
+            if j not in current:
+                done, tensors = next(results)
+                assert done == j, "jobs are consumed in planned order"
+                current.clear()
+                current[j] = tensors
+                progress(plan.jobs[j].source_bytes)
+            return current[j]
+
+        shards = _split(plan.tensors, opts.max_shard_size)
+        names = shard_names(len(shards))
+        weight_map: dict[str, str] = {}
+        for fname, shard in zip(names, shards):
+            fw = SafetensorsFileWriter(out / fname, [TensorSpec(t.name, t.dtype, t.shape) for t in shard],
+                                       metadata=dict(layout.SAFETENSORS_METADATA))
+            try:
+                for t in shard:
+                    if t.stacked:
+                        fw.add_stacked(t.name, (result(j)[t.key] for j in t.jobs))
+                    else:
+                        fw.add(t.name, result(t.jobs[0])[t.key])
+                    weight_map[t.name] = fname
+                sha = fw.close()
+            except BaseException:
+                fw.abort()
+                raise
+            report.files[fname] = {"sha256": sha, "size": fw.size}
+        if len(names) > 1:
+            total = sum(t.nbytes for t in plan.tensors)
+            _json(out, "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, report)
+        block = quantization_block(plan.converted, sorted(plan.kept_float - set(plan.converted)))
+        config, added = mlx_config(reader.config, block, str(opts.dtype).removeprefix("torch.") if opts.dtype else None)
+        if added:
+            report.notes.append(
+                f"config.json: added {', '.join(added)}: mlx-lm's model classes read only the names "
+                "transformers used before version 5"
+            )
+        _json(out, "config.json", config, report)
+        for rel in reader.ckpt.other_files():
+            sha, size = copy_with_hash(reader.ckpt.root / rel, out / rel)
+            report.files[str(rel)] = {"sha256": sha, "size": size}
+        return report
+
+    @staticmethod
+    def _run(reader, job: Job, opts: RepackOptions) -> dict[str, torch.Tensor]:
+        if job.kind == "tensor":
+            return {"": exact_cast(reader.get(job.source), job.dtype, f"tensor {job.source}")}
+        qw = reader.read(job.source)
+        if opts.device != "cpu":
+            qw = qw.to(opts.device)
+        if job.kind == "dense":
+            return {"weight": qw.dequantize(job.dtype)}
+        return encode(qw, job.params, job.dtype, None if job.part is None else (job.part,))
+
+
+def _architecture(config: dict) -> layout.Architecture:
+    arch = layout.architecture(config)
+    if arch is None:
+        name = (config.get("architectures") or ["?"])[0]
+        supported = ", ".join(sorted(layout.ARCHITECTURES))
+        raise UnsupportedConversion(
+            f"{name} (model_type {config.get('model_type')!r}): not an architecture the mlx target writes",
+            hint=f"Supported model types: {supported}. Other names would need renames mlx-lm does not do; "
+            "use --target dense and mlx_lm.convert instead.",
+        )
+    return arch
+
+
+def _order_key(reader, tensor: str) -> tuple:
+    """Source order: shard file, then byte offset, so reads sweep each file once, front to back."""
+    m = reader.store.meta(tensor)
+    return (str(m.file), m.offsets[0], tensor)
+
+
+def _split(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _json(out: Path, name: str, data: dict, report: WriteReport) -> None:
+    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    sha, size = write_bytes_with_hash(out / name, raw)
+    report.files[name] = {"sha256": sha, "size": size}
