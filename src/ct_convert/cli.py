@@ -30,6 +30,7 @@ class Target(str, Enum):
     gptq = "gptq"
     marlin = "marlin"
     trtllm = "trtllm"
+    modelopt = "modelopt"
     gguf = "gguf"
 
 
