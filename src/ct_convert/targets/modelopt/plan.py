@@ -5,13 +5,16 @@ static input scales, and the modules TensorRT-LLM fuses into one linear."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo
 from ct_convert.targets.modelopt import layout
-from ct_convert.writers.base import RepackOptions
+
+if TYPE_CHECKING:  # the writers package imports this module
+    from ct_convert.writers.base import RepackOptions
 
 
 @dataclass(frozen=True)
