@@ -244,3 +244,46 @@ def test_inspect_shows_the_quant_algo(cli):
     r = cli("inspect", FIXTURES / "w4a16-asym-g128", "--json")
     m = r.json()["modules"][0]
     assert m["targets"]["modelopt"] is False and "--target awq" in m["reasons"]["modelopt"] and "modelopt" not in m["details"]
+
+
+def test_verify_sees_a_wrong_weight_scale_2(cli, tmp_path):
+    src = shared_global_scales(FIXTURES / "nvfp4", tmp_path / "src")
+    out = tmp_path / "o"
+    repack(cli, src, out)
+    t = load_file(out / "model.safetensors")
+    t[f"{L0}.mlp.down_proj.weight_scale_2"] = t[f"{L0}.mlp.down_proj.weight_scale_2"] * 2
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    r = cli("verify", src, out, "--json")
+    assert r.code == 1
+
+
+def test_inexact_input_scale_is_noted_or_refused_with_strict(cli, tmp_path):
+    from ct_convert.targets.modelopt.plan import input_scale
+
+    # a float32 g with no float32 x such that 1/x == g (checked here, so the case is real)
+    g = next(g for g in (torch.arange(1, 2000, dtype=torch.float32) * 0.37 + 600) if not input_scale(g.reshape(1))[1])
+    src = shared_global_scales(FIXTURES / "nvfp4", tmp_path / "src")
+    t = load_file(src / "model.safetensors")
+    t[f"{L0}.mlp.down_proj.input_global_scale"] = g.reshape(1)
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    r = cli("repack", src, tmp_path / "o", "--target", "modelopt", "--json")
+    assert r.code == 0 and any("one float32 ulp" in n and "down_proj" in n for n in r.json()["notes"])
+    got = load_file(tmp_path / "o" / "model.safetensors")[f"{L0}.mlp.down_proj.input_scale"]
+    assert got == input_scale(g.reshape(1))[0]
+    r = cli("repack", src, tmp_path / "s", "--target", "modelopt", "--strict")
+    assert r.code == 2 and "--strict" in r.err and not (tmp_path / "s").exists()
+
+
+def test_per_head_kv_cache_is_refused(cli, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "fp8-static", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"]["strategy"] = "attn_head"
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli("repack", src, tmp_path / "o", "--target", "modelopt")
+    assert r.code == 2 and "kv_cache_scheme" in r.err and not (tmp_path / "o").exists()
+
+
+def test_online_transform_is_refused(cli, tmp_path):
+    r = cli("repack", FIXTURES / "transform-online", tmp_path / "o", "--target", "modelopt")
+    assert r.code == 2 and "online transform" in r.err

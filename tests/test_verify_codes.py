@@ -27,6 +27,8 @@ CASES = [
     ("w8a16-g128", "gguf"),  # Q8_0
     ("gguf/qwen3moe-w4a16", "gguf"),  # stacked experts, one expert a module
     ("w4a16-g128", "trtllm"),  # W4A16_AWQ: fused q/k/v rows
+    ("w4a16-g128", "modelopt"),  # W4A16_AWQ: nibble pairs along N
+    ("moe-w4a16", "modelopt"),
 ]
 
 

@@ -4,6 +4,7 @@ static input scales, and the modules TensorRT-LLM fuses into one linear."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -124,18 +125,20 @@ def weight_scale_2(global_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     and every E2M1 value v, i.e. whatever the codes and block scales are.
     """
     g = global_scale.to(torch.float32).reshape(-1)
-    out = torch.empty_like(g)
-    for i, gi in enumerate(g):
-        if not torch.isfinite(gi) or gi <= 0:
-            return None
-        want = (E2M1_MAGNITUDES[:, None] * (E4M3_VALUES / gi)[None, :]).to(dtype)
-        for c in _candidates(gi):
-            if torch.equal((E2M1_MAGNITUDES[:, None] * (E4M3_VALUES * c)[None, :]).to(dtype), want):
-                out[i] = c
-                break
-        else:
-            return None
-    return out
+    found = [_exact_weight_scale_2(gi, dtype) for gi in g.tolist()]
+    return None if None in found else torch.tensor(found, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _exact_weight_scale_2(g: float, dtype: torch.dtype) -> float | None:
+    gi = torch.tensor(g, dtype=torch.float32)
+    if not torch.isfinite(gi) or gi <= 0:
+        return None
+    want = (E2M1_MAGNITUDES[:, None] * (E4M3_VALUES / gi)[None, :]).to(dtype)
+    for c in _candidates(gi):
+        if torch.equal((E2M1_MAGNITUDES[:, None] * (E4M3_VALUES * c)[None, :]).to(dtype), want):
+            return c.item()
+    return None
 
 
 def input_scale(input_global_scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -183,7 +186,19 @@ def build(reader, opts: RepackOptions) -> Plan:
             "float32 ulp (weights are unaffected; --strict refuses this)"
         )
     _fused(reader, algos, reasons, notes)
+    _consumer_notes(algos, notes)
     return Plan(algos, reasons, _kv_cache(reader), notes)
+
+
+def _consumer_notes(algos: dict[str, Algo], notes: list[str]) -> None:
+    """Exact ModelOpt algorithms that not every ModelOpt consumer runs (README: which loads what)."""
+    used = {a.quant_algo for a in algos.values()}
+    if layout.W4A16_NVFP4 in used:
+        notes.append("W4A16_NVFP4: vLLM and SGLang load it; TensorRT-LLM's QuantAlgo has no W4A16_NVFP4")
+    dense_mx = [m for m, a in algos.items() if a.quant_algo == layout.W4A16_MXFP4 and ".experts." not in m]
+    if dense_mx:
+        notes.append(f"W4A16_MXFP4 outside MoE experts ({dense_mx[0]}, ...): TensorRT-LLM runs W4A16_MXFP4 only in "
+                     "fused MoE experts and has no linear method for it")
 
 
 def _value_refusal(reader, info: ModuleInfo, algo: Algo, opts: RepackOptions, inexact: list[str]) -> str | None:
@@ -218,11 +233,11 @@ def _scalar_check(reader, tensor: str) -> torch.Tensor:
     return t
 
 
-def _siblings(reader, name: str) -> list[str]:
+def _siblings(present: set[str], name: str) -> list[str]:
+    """The modules TensorRT-LLM fuses with `name` (itself included), among the checkpoint's linears."""
     parent, _, leaf = name.rpartition(".")
     for group in layout.FUSED_SIBLINGS:
         if leaf in group:
-            present = set(reader.modules) | set(reader.unquantized)
             return [f"{parent}.{m}" for m in group if f"{parent}.{m}" in present]
     return [name]
 
@@ -230,11 +245,12 @@ def _siblings(reader, name: str) -> list[str]:
 def _fused(reader, algos: dict[str, Algo], reasons: dict[str, str | None], notes: list[str]) -> None:
     """TensorRT-LLM loads q/k/v (gate/up, ...) into one linear with one quantization: every member must be
     written the same way, NVFP4 ones with one weight_scale_2 and one input_scale (its loader asserts it)."""
+    present = set(reader.modules) | set(reader.unquantized)
     changed = True
     while changed:  # a member falling back to float takes its siblings with it
         changed = False
         for name in list(algos):
-            group = _siblings(reader, name)
+            group = _siblings(present, name)
             kinds = {m: algos.get(m) for m in group}
             if len(set(kinds.values())) > 1:
                 other = next(m for m in group if kinds[m] != algos[name])
@@ -244,7 +260,7 @@ def _fused(reader, algos: dict[str, Algo], reasons: dict[str, str | None], notes
                 changed = True
     differing_fp8 = []
     for name in sorted(algos):
-        group = _siblings(reader, name)
+        group = _siblings(present, name)
         if len(group) < 2 or name != group[0]:
             continue
         algo = algos[name].quant_algo
