@@ -287,3 +287,18 @@ def test_per_head_kv_cache_is_refused(cli, tmp_path):
 def test_online_transform_is_refused(cli, tmp_path):
     r = cli("repack", FIXTURES / "transform-online", tmp_path / "o", "--target", "modelopt")
     assert r.code == 2 and "online transform" in r.err
+
+
+@pytest.mark.parametrize("edit", [
+    lambda q: q.update(exclude_modules="lm_head"),
+    lambda q: q.update(quant_algo="MIXED_PRECISION", quantized_layers={f"{L0}.mlp.up_proj": "W4A16_AWQ"}),
+    lambda q: q.update(group_size=None),
+])
+def test_verify_refuses_a_malformed_hf_quant_config(cli, tmp_path, edit):
+    out = tmp_path / "o"
+    repack(cli, FIXTURES / "w4a16-g128", out)
+    hf = json.loads((out / "hf_quant_config.json").read_text())
+    edit(hf["quantization"])
+    (out / "hf_quant_config.json").write_text(json.dumps(hf))
+    r = cli("verify", FIXTURES / "w4a16-g128", out)
+    assert r.code == 2 and "hf_quant_config.json" in r.err and "Traceback" not in r.err, r.err

@@ -40,8 +40,13 @@ class ModelOptOutput(HFOutputReader):
             raise InputError(f"{path}: no 'quantization' block (not a ModelOpt checkpoint ct-convert can read back)")
         self.algo = q.get("quant_algo")
         self.group_size = q.get("group_size")
-        self.exclude = list(q.get("exclude_modules") or [])
+        self.exclude = q.get("exclude_modules") or []
         self.layers = q.get("quantized_layers") or {}
+        entries = list(self.layers.values()) if isinstance(self.layers, dict) else [None]
+        if (not isinstance(self.exclude, list) or not all(isinstance(p, str) for p in self.exclude)
+                or not all(isinstance(e, dict) and isinstance(e.get("quant_algo"), str) for e in entries)
+                or not isinstance(self.algo, (str, type(None)))):
+            raise InputError(f"{path}: malformed quantization block (quant_algo, exclude_modules or quantized_layers)")
         text = self.config.get("text_config") if isinstance(self.config.get("text_config"), dict) else {}
         name = self.config.get("torch_dtype") or self.config.get("dtype") or text.get("torch_dtype") or text.get("dtype")
         self.model_dtype = _DTYPES.get(str(name).removeprefix("torch."), torch.bfloat16)
@@ -49,21 +54,28 @@ class ModelOptOutput(HFOutputReader):
     def algorithm(self, module: str) -> tuple[str, int | None] | None:
         if self.algo == layout.MIXED_PRECISION:
             entry = self.layers.get(module)
-            return (entry["quant_algo"], entry.get("group_size")) if entry else None
-        if self.algo is None or self._excluded(module):
-            return None
-        return self.algo, self.group_size
+            found = (entry["quant_algo"], entry.get("group_size")) if entry else None
+        elif self.algo is None or self._excluded(module):
+            found = None
+        else:
+            found = self.algo, self.group_size
+        if found and found[0] in layout.GROUPED and (type(found[1]) is not int or found[1] <= 0):
+            raise InputError(f"{self.folder / layout.HF_QUANT_CONFIG}: {module}: {found[0]} without a positive group_size")
+        return found
 
     def _excluded(self, module: str) -> bool:
         parts = module.split(".")
         names = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
         return any(fnmatch.fnmatchcase(n, p) for n in names for p in self.exclude)
 
-    def _get(self, module: str, suffix: str) -> torch.Tensor:
+    def _get(self, module: str, suffix: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         name = f"{module}.{suffix}"
         if name not in self.store:
             raise InputError(f"{self.folder}: missing tensor {name}")
-        return self.store.get(name)
+        t = self.store.get(name)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise InputError(f"tensor {name}: shape {list(t.shape)}, expected {list(shape)}")
+        return t
 
     # -- integer modules: codes ---------------------------------------------------------------
     def decode(self, module: str) -> GroupCodes | None:
@@ -75,14 +87,14 @@ class ModelOptOutput(HFOutputReader):
         if w.dim() != 2:
             return None
         if algo == layout.W4A16_AWQ:
-            pre = self._get(module, "pre_quant_scale")
+            pre = self._get(module, "pre_quant_scale", (w.shape[-1],))
             if not bool((pre == 1).all()):
                 return None  # the smoothing multiplies the weight: compared dequantized
             u, scale = self._awq(module, w, gs)
             return GroupCodes(lambda: u, torch.full((scale.shape[1], scale.shape[0]), 8, dtype=torch.int16), scale.t())
         if algo == layout.W8A16:
             u = w.view(torch.uint8) ^ 0x80  # two's complement + 128 is the top bit flipped
-            scale = self._get(module, "weight_scale").reshape(1, -1)
+            scale = self._get(module, "weight_scale", (w.shape[0],)).reshape(1, -1)
             return GroupCodes(lambda: u, torch.full(scale.shape, 128, dtype=torch.int16), scale)
         return None
 
@@ -114,32 +126,32 @@ class ModelOptOutput(HFOutputReader):
             z = torch.full(flat_s.shape[-2:], 8, dtype=torch.int16).t()
             out = torch.stack([dequantize_groups(a, z, s.t()) for a, s in zip(flat_u, flat_s)]).reshape(*lead, *u.shape[-2:])
             # the activation is multiplied by pre_quant_scale: the weight it meets is W * diag(pre)
-            return out.mul_(self._get(module, "pre_quant_scale").to(f32).unsqueeze(-2))
+            return out.mul_(self._get(module, "pre_quant_scale", (*lead, u.shape[-1])).to(f32).unsqueeze(-2))
+        lead, (n, k) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
         if algo == layout.W8A16:
-            return w.to(f32) * self._get(module, "weight_scale").to(f32).unsqueeze(-1)
+            return w.to(f32) * self._get(module, "weight_scale", (*lead, n)).to(f32).unsqueeze(-1)
         if algo == layout.FP8:
-            s = self._get(module, "weight_scale").to(f32)
+            s = self._get(module, "weight_scale", lead).to(f32)
             return w.to(f32) * s.reshape(*s.shape, 1, 1)
         if algo == layout.FP8_PER_CHANNEL_PER_TOKEN:
-            return w.to(f32) * self._get(module, "weight_scale").to(f32).unsqueeze(-1)
+            return w.to(f32) * self._get(module, "weight_scale", (*lead, n)).to(f32).unsqueeze(-1)
         if algo == layout.FP8_BLOCK_SCALES:
-            s = self._get(module, "weight_scale").to(f32)
-            n, k = w.shape[-2:]
+            s = self._get(module, "weight_scale", (*lead, -(-n // gs), -(-k // gs))).to(f32)
             s = s.repeat_interleave(gs, -2)[..., :n, :].repeat_interleave(gs, -1)[..., :k]
             return w.to(f32) * s
         if algo in (layout.NVFP4, layout.W4A16_NVFP4):
             values = E2M1[nibbles(w, -1).long()]
-            block = self._get(module, "weight_scale")
-            if block.dtype != torch.float8_e4m3fn:
+            block = self._get(module, "weight_scale", (*lead, n, 2 * k // gs))
+            if block.dtype != torch.float8_e4m3fn or 2 * k % gs:
                 raise InputError(f"{module}.weight_scale: {block.dtype}, NVFP4 block scales are float8_e4m3fn")
-            w2 = self._get(module, "weight_scale_2").to(f32)
+            w2 = self._get(module, "weight_scale_2", lead).to(f32)
             per_block = block.to(f32) * w2.reshape(*w2.shape, 1, 1)  # ModelOpt: scale.float() * weight_scale_2
             out = values.reshape(*values.shape[:-1], -1, gs) * per_block.unsqueeze(-1)
             return out.reshape(values.shape).to(self.model_dtype)
         if algo == layout.W4A16_MXFP4:
             values = E2M1[nibbles(w, -1).long()]
-            e = self._get(module, "weight_scale")
-            if e.dtype != torch.uint8:
+            e = self._get(module, "weight_scale", (*lead, n, 2 * k // gs))
+            if e.dtype != torch.uint8 or 2 * k % gs:
                 raise InputError(f"{module}.weight_scale: {e.dtype}, MXFP4 scales are E8M0 bytes")
             scale = torch.ldexp(torch.ones(e.shape, dtype=f32), e.to(torch.int32) - 127)
             return (values.reshape(*values.shape[:-1], -1, gs) * scale.unsqueeze(-1)).reshape(values.shape)
