@@ -14,8 +14,6 @@ packs and dequantizes the same weights, and our tensors must equal its bytes and
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 
 import pytest

@@ -14,7 +14,7 @@ from ct_convert import __version__
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets.modelopt import encode, layout
-from ct_convert.targets.modelopt.plan import Algo, Plan, algorithm, build
+from ct_convert.targets.modelopt.plan import Plan, algorithm, build
 from ct_convert.writers.base import Progress, RepackOptions, WriteReport, register
 from ct_convert.writers.hf import HFWriter
 
