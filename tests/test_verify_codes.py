@@ -31,6 +31,8 @@ CASES = [
     ("legacy-0.14-w3a16", "mlx"),  # codes-per-word source: compared through the unpacked codes
     ("w4a16-channel", "mlx"),  # one source group becomes K/128 MLX groups
     ("moe-w4a16", "mlx"),  # stacked switch_mlp experts, one expert a module
+    ("w4a16-g128", "modelopt"),  # W4A16_AWQ: nibble pairs along N
+    ("moe-w4a16", "modelopt"),
 ]
 
 

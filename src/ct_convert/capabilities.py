@@ -5,7 +5,7 @@ from __future__ import annotations
 from ct_convert.qweight import ModuleInfo
 from ct_convert.writers import WRITERS, RepackOptions
 
-TARGET_ORDER = ("dense", "awq", "gptq", "marlin", "trtllm", "gguf", "mlx")
+TARGET_ORDER = ("dense", "awq", "gptq", "marlin", "trtllm", "modelopt", "gguf", "mlx")
 
 
 def module_targets(info: ModuleInfo) -> tuple[dict[str, bool], dict[str, str]]:
@@ -17,3 +17,14 @@ def module_targets(info: ModuleInfo) -> tuple[dict[str, bool], dict[str, str]]:
         if why:
             reasons[t] = why
     return targets, reasons
+
+
+def module_details(info: ModuleInfo) -> dict[str, dict]:
+    """Per target, what the module would become there, for the targets that say (modelopt: its quant_algo)."""
+    out = {}
+    for t, writer in sorted(WRITERS.items()):
+        details = getattr(writer, "details", None)
+        found = details(info, RepackOptions(target=t)) if details else None
+        if found:
+            out[t] = found
+    return out

@@ -31,6 +31,7 @@ class Target(str, Enum):
     gptq = "gptq"
     marlin = "marlin"
     trtllm = "trtllm"
+    modelopt = "modelopt"
     gguf = "gguf"
     mlx = "mlx"
 
@@ -109,7 +110,7 @@ def repack(
     gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help="GPTQ checkpoint format (gptq target)."),
     tp_size: int = typer.Option(1, "--tp-size", min=1, help="Tensor-parallel ranks (trtllm target)."),
     sm: Optional[int] = typer.Option(None, "--sm", help="GPU architecture 80, 89, 90 or 100 (trtllm W4A16_GPTQ)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target) or of an inexact NVFP4 activation scale (modelopt target)."),
     vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Take the vocabulary from this GGUF file (gguf target)."),
     nvfp4: bool = typer.Option(False, "--nvfp4", help="Write NVFP4 weights as GGUF NVFP4 (gguf target)."),
     revision: Optional[str] = RevisionOpt,

@@ -9,7 +9,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ct_convert import console
-from ct_convert.capabilities import module_targets
+from ct_convert.capabilities import module_details, module_targets
 from ct_convert.console import safe
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
@@ -32,6 +32,7 @@ def inspect_report(source: str, revision: str | None) -> tuple[dict, object]:
                 "sparsity": info.sparsity,
                 "targets": targets,
                 "reasons": reasons,
+                "details": module_details(info),
             }
         )
     report = {
@@ -75,6 +76,11 @@ def _args_text(a: dict | None) -> str:
     if a.get("actorder"):
         s += f" actorder={a['actorder']}"
     return safe(s)
+
+
+def _details_text(d: dict) -> str:
+    text = str(d.get("quant_algo", d))
+    return text + (f" g{d['group_size']}" if d.get("group_size") else "")
 
 
 def _gb(n: int) -> str:
@@ -125,7 +131,7 @@ def render(report: dict, show_modules: bool) -> None:
             console.out.print("[dim]Add --modules for one row per module.[/]")
         return
     table = Table(box=box.SIMPLE, title="Modules", title_justify="left")
-    for col in ("module", "format", "bits", "type", "sym", "strategy", "group", "shape", "targets", "why not"):
+    for col in ("module", "format", "bits", "type", "sym", "strategy", "group", "shape", "targets", "as", "why not"):
         table.add_column(col, overflow="fold")
     for m in report["modules"]:
         w = m["weights"] or {}
@@ -140,6 +146,7 @@ def render(report: dict, show_modules: bool) -> None:
                 w.get("group_size") or "-",
                 "x".join(map(str, m["shape"])),
                 " ".join(k for k, ok in m["targets"].items() if ok),
+                "; ".join(f"{k}: {_details_text(d)}" for k, d in m["details"].items()),
                 "; ".join(f"{k}: {v}" for k, v in m["reasons"].items()),
             ))
         )

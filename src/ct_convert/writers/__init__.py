@@ -10,3 +10,4 @@ from ct_convert.writers import awq, gptq, marlin  # noqa: F401,E402
 __all__ = ["WRITERS", "RepackOptions", "Writer", "writer_for"]
 from ct_convert.writers import gguf  # noqa: F401,E402
 from ct_convert.targets.mlx import writer as _mlx_writer  # noqa: F401,E402
+from ct_convert.targets.modelopt import writer as _modelopt  # noqa: F401,E402

@@ -63,6 +63,15 @@ class HFWriter:
             )
         self.plan(reader, opts)  # module refusals, from headers alone, before OUTPUT is created
 
+    def refusals(self, reader, opts: RepackOptions) -> dict[str, str | None]:
+        """Per module: why it cannot be written exactly, or None. Header facts by default; a target
+        whose refusals depend on tensor values (a scale's exact reciprocal) overrides this."""
+        return {name: self.refusal(info, opts) for name, info in reader.modules.items()}
+
+    def convert_module(self, reader, qw: QuantizedWeight, opts: RepackOptions) -> dict[str, torch.Tensor]:
+        """`convert`, for targets that also need a module's activation qparams from the reader."""
+        return self.convert(qw, opts)
+
     def carries(self, reader, name: str) -> bool:
         """Whether a tensor outside the quantized modules is written (activation qparams are not)."""
         return not reader.is_quantization_param(name)
@@ -77,8 +86,9 @@ class HFWriter:
         report = WriteReport()
         refused = []
         items_at: dict[str, Item] = {}
+        reasons = self.refusals(reader, opts)
         for name, info in reader.modules.items():
-            why = self.refusal(info, opts)
+            why = reasons[name]
             if why and opts.keep_unsupported != DENSE_FALLBACK:
                 refused.append((name, why))
                 continue
@@ -148,14 +158,14 @@ class HFWriter:
         def run(it: Item) -> dict[str, torch.Tensor]:
             if it.module is None:
                 t = reader.get(it.tensor)
-                return {it.tensor: exact_cast(t, it.specs[0].dtype, f"tensor {it.tensor}")}
+                return {it.specs[0].name: exact_cast(t, it.specs[0].dtype, f"tensor {it.tensor}")}
             qw = reader.read(it.module)
             if opts.device != "cpu":
                 qw = qw.to(opts.device)
             if it.fallback:
                 produced = {"weight": qw.dequantize(it.specs[0].dtype)}
             else:
-                produced = self.convert(qw, opts)
+                produced = self.convert_module(reader, qw, opts)
             return {f"{it.module}.{k}": v for k, v in produced.items()}
 
         return ordered_map(run, items, workers, cost=lambda it: it.source_bytes + sum(s.nbytes for s in it.specs))

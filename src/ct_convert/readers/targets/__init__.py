@@ -11,6 +11,7 @@ from pathlib import Path
 from ct_convert.errors import InputError
 from ct_convert.readers.targets.base import OUTPUT_READERS, OutputReader
 
+from ct_convert.targets.modelopt import reader as _modelopt  # noqa: F401,E402  (first: its folder also has config.json + safetensors)
 from ct_convert.readers.targets import trtllm  # noqa: F401,E402  (before dense: its config.json has no quantization_config)
 from ct_convert.targets.mlx import reader as _mlx_reader  # noqa: F401,E402  (before dense: an all-float MLX output has no quantization block)
 from ct_convert.readers.targets import dense  # noqa: F401,E402  (registration)

@@ -1,0 +1,160 @@
+"""`--target modelopt` (to become `trtllm`): the ModelOpt unified HF checkpoint that TensorRT-LLM's PyTorch
+backend loads. Hugging Face tensor names pass through, so any architecture TensorRT-LLM (or vLLM,
+SGLang) supports is written; each quantized module gets one `quant_algo` (plan.py), several different
+ones make the checkpoint MIXED_PRECISION. The HF folder machinery (shards, streaming, copies) is hf.py's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ct_convert import __version__
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
+from ct_convert.safetensors_out import TensorSpec
+from ct_convert.targets.modelopt import encode, layout
+from ct_convert.targets.modelopt.plan import Plan, algorithm, build
+from ct_convert.writers.base import Progress, RepackOptions, WriteReport, register
+from ct_convert.writers.hf import HFWriter
+
+ACTIVATION_QPARAMS = ("input_scale", "input_global_scale")
+
+
+@register
+class ModelOptWriter(HFWriter):
+    name = "modelopt"
+
+    # -- per module ---------------------------------------------------------------------------
+    def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        return algorithm(info)[1]
+
+    def details(self, info: ModuleInfo, opts: RepackOptions) -> dict | None:
+        """What `inspect` shows: the quant_algo this module would get (value checks aside)."""
+        algo = algorithm(info)[0]
+        return algo.entry() if algo else None
+
+    def refusals(self, reader, opts: RepackOptions) -> dict[str, str | None]:
+        return self._plan(reader, opts).reasons
+
+    def specs(self, info: ModuleInfo, opts: RepackOptions) -> list[TensorSpec]:
+        algo = algorithm(info)[0]
+        static = algo.quant_algo == layout.FP8 and info.input_activations.get("dynamic") is False
+        return encode.specs(info, algo, opts.dtype or info.dtype, static)
+
+    def convert_module(self, reader, qw: QuantizedWeight, opts: RepackOptions) -> dict[str, torch.Tensor]:
+        extras = {s: reader.get(t) for s, t in reader.module_extras(qw.name).items() if s in ACTIVATION_QPARAMS}
+        algo = algorithm(qw.info)[0]
+        if algo.quant_algo == layout.FP8 and qw.info.input_activations.get("dynamic") is not False:
+            extras.pop("input_scale", None)
+        return encode.tensors(qw, algo, opts.dtype or qw.dtype, extras)
+
+    # -- the checkpoint -----------------------------------------------------------------------
+    def _plan(self, reader, opts: RepackOptions) -> Plan:
+        """The plan reads a few scalars per module: computed once per (reader, options)."""
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0] is not reader or memo[1] is not opts:
+            self._memo = memo = (reader, opts, build(reader, opts))
+        return memo[2]
+
+    def carries(self, reader, name: str) -> bool:
+        module, _, suffix = name.rpartition(".")
+        if suffix in layout.KV_SCALE_NAMES:
+            return True  # renamed in plan(); _plan refused any KV cache it cannot hold
+        if suffix in ACTIVATION_QPARAMS and module in reader.modules:
+            return False  # written with the module by convert_module, or dropped with a fallback
+        return super().carries(reader, name)
+
+    def plan(self, reader, opts: RepackOptions):
+        items, report = super().plan(reader, opts)
+        built = self._plan(reader, opts)
+        for it in items:
+            if it.tensor is not None and it.tensor.rsplit(".", 1)[-1] in layout.KV_SCALE_NAMES:
+                attn, _, suffix = it.tensor.rpartition(".")
+                shape = reader.store.meta(it.tensor).shape
+                it.specs = [TensorSpec(f"{attn}.{layout.KV_SCALE_NAMES[suffix]}", torch.float32, tuple(shape))]
+        # activation qparams written with their module are not dropped
+        report.dropped = [t for t in report.dropped if not (t.rsplit(".", 1)[-1] in ACTIVATION_QPARAMS
+                                                          and t.rpartition(".")[0] in built.algos)]
+        report.notes.extend(built.notes)
+        return items, report
+
+    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
+        report = super().write(reader, out, opts, progress)
+        hf = self.hf_quant_config(reader, report, opts)
+        if hf is not None:
+            self._json(out, layout.HF_QUANT_CONFIG, hf, report)
+        return report
+
+    def hf_quant_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict | None:
+        built = self._plan(reader, opts)
+        fallbacks = {f["module"] for f in report.fallbacks}
+        quantized = {m: a for m, a in sorted(built.algos.items()) if m not in fallbacks}
+        if not quantized and not built.kv_cache:
+            return None
+        q: dict = {"quant_algo": None, "kv_cache_quant_algo": layout.KV_CACHE_FP8 if built.kv_cache else None}
+        kinds = set(quantized.values())
+        if len(kinds) == 1:
+            q.update(kinds.pop().entry())
+        elif kinds:
+            q["quant_algo"] = layout.MIXED_PRECISION
+            q["quantized_layers"] = {m: a.entry() for m, a in quantized.items()}
+        # unquantized linears (lm_head, routers, fallbacks) must not be read as quantized
+        q["exclude_modules"] = sorted(set(reader.unquantized) | fallbacks)
+        return {
+            "producer": {"name": layout.PRODUCER, "version": layout.FORMAT_VERSION},
+            "converted_by": f"ct-convert {__version__}",
+            "quantization": q,
+        }
+
+    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict | None:
+        hf = self.hf_quant_config(reader, report, opts)
+        return None if hf is None else inline_config(hf)
+
+
+# -- config.json: ModelOpt's compressed-tensors-style mirror of hf_quant_config.json --------------
+
+def _group_config(algo: str, group_size: int | None) -> dict:
+    """The config group ModelOpt's exporter writes for a quant_algo (convert_hf_config.py)."""
+    fp = {"dynamic": False, "type": "float"}
+    if algo == layout.FP8:
+        return {"input_activations": {**fp, "num_bits": 8}, "weights": {**fp, "num_bits": 8}}
+    if algo == layout.FP8_PER_CHANNEL_PER_TOKEN:
+        return {"input_activations": {**fp, "num_bits": 8}, "weights": {**fp, "num_bits": 8, "strategy": "channel"}}
+    if algo == layout.NVFP4:
+        return {"input_activations": {**fp, "num_bits": 4, "group_size": group_size},
+                "weights": {**fp, "num_bits": 4, "group_size": group_size}}
+    if algo == layout.W4A16_NVFP4:
+        return {"weights": {**fp, "num_bits": 4, "group_size": group_size}}
+    if algo == layout.W4A16_AWQ:
+        return {"weights": {"dynamic": False, "num_bits": 4, "type": "int", "group_size": group_size}}
+    if algo == layout.W8A16:
+        return {"weights": {"dynamic": False, "num_bits": 8, "type": "int"}}
+    return {"quant_algo": algo}
+
+
+def inline_config(hf: dict) -> dict:
+    q = hf["quantization"]
+    algo = q.get("quant_algo")
+    out: dict = {}
+    if algo in (layout.FP8, layout.NVFP4, layout.W4A16_NVFP4):
+        out["config_groups"] = {"group_0": {**_group_config(algo, q.get("group_size")), "targets": ["Linear"]}}
+    elif algo == layout.MIXED_PRECISION:
+        groups: dict[tuple, list[str]] = {}
+        for name, entry in q["quantized_layers"].items():
+            groups.setdefault(tuple(sorted(entry.items())), []).append(name)
+        out["config_groups"] = {
+            f"group_{i}": {**_group_config(dict(key)["quant_algo"], dict(key).get("group_size")), "targets": sorted(names)}
+            for i, (key, names) in enumerate(groups.items())
+        }
+        out["quantized_layers"] = q["quantized_layers"]
+    out["ignore"] = q.get("exclude_modules") or []
+    if algo:
+        out["quant_algo"] = algo
+    if q.get("group_size") is not None:
+        out["group_size"] = q["group_size"]  # read by flat-config readers (vLLM, TensorRT-LLM's inline check)
+    if q.get("kv_cache_quant_algo") == layout.KV_CACHE_FP8:
+        out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    out["producer"] = hf["producer"]
+    out["quant_method"] = layout.QUANT_METHOD
+    return out
