@@ -132,7 +132,8 @@ def render(report: dict, show_modules: bool) -> None:
         return
     table = Table(box=box.SIMPLE, title="Modules", title_justify="left")
     for col in ("module", "format", "bits", "type", "sym", "strategy", "group", "shape", "targets", "as", "why not"):
-        table.add_column(col, overflow="fold")
+        # a module name is what users grep for: never broken across lines
+        table.add_column(col, overflow="fold", no_wrap=col == "module")
     for m in report["modules"]:
         w = m["weights"] or {}
         table.add_row(
