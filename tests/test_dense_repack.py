@@ -123,7 +123,7 @@ def test_online_transforms_are_refused(cli, tmp_path):
 @pytest.mark.parametrize(
     "fixture,target",
     [("moe-w4a16", "dense"), ("w4a16-asym-g128", "awq"), ("marlin-ok-w4a16", "marlin"),
-     ("gguf/qwen3moe-w4a16", "gguf"), ("w4a16-g128", "trtllm"), ("moe-w4a16", "mlx"), ("mixed-fp8-w4a16", "modelopt")],
+     ("gguf/qwen3moe-w4a16", "gguf"), ("w4a16-g128", "trtllm-legacy"), ("moe-w4a16", "mlx"), ("mixed-fp8-w4a16", "trtllm")],
 )
 def test_output_is_byte_identical_across_runs_and_worker_counts(cli, tmp_path, fixture, target):
     a, b = tmp_path / "a", tmp_path / "b"

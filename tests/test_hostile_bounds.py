@@ -325,7 +325,7 @@ def test_trtllm_config_numbers(refused, tmp_path, field, text):
     src = copy_fixture("w4a16-g128", tmp_path / "src")
     cfg = _edit_config(src, **{field: 0})
     (src / "config.json").write_text(json.dumps(cfg).replace(f'"{field}": 0', f'"{field}": {text}'))
-    refused(src, names=["config.json", field], target="trtllm")
+    refused(src, names=["config.json", field], target="trtllm-legacy")
 
 
 def test_gguf_truncated_tokenizer_config(refused, tmp_path):

@@ -24,7 +24,7 @@ LINEARS = [*QKV, f"{L0}.self_attn.o_proj", f"{L0}.mlp.gate_proj", f"{L0}.mlp.up_
 
 
 def repack(cli, src: Path, out: Path, *args) -> tuple[dict, dict, dict]:
-    r = cli("repack", src, out, "--target", "modelopt", "--json", *args)
+    r = cli("repack", src, out, "--target", "trtllm", "--json", *args)
     assert r.code == 0, r.err
     assert r.json()["verified"] is True
     hf = json.loads((out / "hf_quant_config.json").read_text())
@@ -73,7 +73,7 @@ def test_w4a16_g128_to_w4a16_awq(cli, tmp_path):
     for t in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", f"{L0}.input_layernorm.weight"):
         assert torch.equal(out[t], src[t]), t
     assert (tmp_path / "o" / "generation_config.json").read_bytes() == (FIXTURES / "w4a16-g128" / "generation_config.json").read_bytes()
-    assert open_output(tmp_path / "o").kind == "modelopt"
+    assert open_output(tmp_path / "o").kind == "trtllm"
 
 
 def test_fp8_static_to_fp8_with_kv_cache(cli, tmp_path):
@@ -137,7 +137,7 @@ def test_nvfp4_to_nvfp4(cli, tmp_path):
 
 def test_nvfp4_fused_global_scales_differ_refused_or_kept_dense(cli, tmp_path):
     out = tmp_path / "o"
-    r = cli("repack", FIXTURES / "nvfp4", out, "--target", "modelopt")
+    r = cli("repack", FIXTURES / "nvfp4", out, "--target", "trtllm")
     assert r.code == 2 and "different weight_global_scale values" in r.err and not out.exists()
     hf, _, t = repack(cli, FIXTURES / "nvfp4", out, "--keep-unsupported", "dense")
     dense = [*QKV, f"{L0}.mlp.gate_proj", f"{L0}.mlp.up_proj"]
@@ -200,13 +200,13 @@ def test_moe_names_pass_through(cli, tmp_path):
 ])
 def test_refusals(cli, tmp_path, fixture, words):
     out = tmp_path / "o"
-    r = cli("repack", FIXTURES / fixture, out, "--target", "modelopt")
+    r = cli("repack", FIXTURES / fixture, out, "--target", "trtllm")
     assert r.code == 2 and words in r.err and "Traceback" not in r.err and not out.exists(), r.err
 
 
 def test_keep_unsupported_dense_with_nothing_left_quantized(cli, tmp_path):
     out = tmp_path / "o"
-    r = cli("repack", FIXTURES / "w4a16-asym-g128", out, "--target", "modelopt", "--keep-unsupported", "dense", "--json")
+    r = cli("repack", FIXTURES / "w4a16-asym-g128", out, "--target", "trtllm", "--keep-unsupported", "dense", "--json")
     assert r.code == 0 and r.json()["unconverted"] == sorted(LINEARS)
     # nothing quantized: no ModelOpt config at all, a plain float checkpoint
     assert not (out / "hf_quant_config.json").exists()
@@ -238,12 +238,12 @@ def test_sharded_output_and_verify_command(cli, tmp_path):
 def test_inspect_shows_the_quant_algo(cli):
     r = cli("inspect", FIXTURES / "mixed-fp8-w4a16", "--json")
     mods = {m["name"]: m for m in r.json()["modules"]}
-    assert mods[f"{L0}.mlp.up_proj"]["details"]["modelopt"]["quant_algo"] == "W4A16_AWQ"
-    assert mods[f"{L0}.self_attn.q_proj"]["details"]["modelopt"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}
-    assert mods[f"{L0}.self_attn.q_proj"]["targets"]["modelopt"] is True
+    assert mods[f"{L0}.mlp.up_proj"]["details"]["trtllm"]["quant_algo"] == "W4A16_AWQ"
+    assert mods[f"{L0}.self_attn.q_proj"]["details"]["trtllm"] == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}
+    assert mods[f"{L0}.self_attn.q_proj"]["targets"]["trtllm"] is True
     r = cli("inspect", FIXTURES / "w4a16-asym-g128", "--json")
     m = r.json()["modules"][0]
-    assert m["targets"]["modelopt"] is False and "--target awq" in m["reasons"]["modelopt"] and "modelopt" not in m["details"]
+    assert m["targets"]["trtllm"] is False and "--target awq" in m["reasons"]["trtllm"] and "trtllm" not in m["details"]
 
 
 def test_verify_sees_a_wrong_weight_scale_2(cli, tmp_path):
@@ -266,11 +266,11 @@ def test_inexact_input_scale_is_noted_or_refused_with_strict(cli, tmp_path):
     t = load_file(src / "model.safetensors")
     t[f"{L0}.mlp.down_proj.input_global_scale"] = g.reshape(1)
     save_file(t, src / "model.safetensors", metadata={"format": "pt"})
-    r = cli("repack", src, tmp_path / "o", "--target", "modelopt", "--json")
+    r = cli("repack", src, tmp_path / "o", "--target", "trtllm", "--json")
     assert r.code == 0 and any("one float32 ulp" in n and "down_proj" in n for n in r.json()["notes"])
     got = load_file(tmp_path / "o" / "model.safetensors")[f"{L0}.mlp.down_proj.input_scale"]
     assert got == input_scale(g.reshape(1))[0]
-    r = cli("repack", src, tmp_path / "s", "--target", "modelopt", "--strict")
+    r = cli("repack", src, tmp_path / "s", "--target", "trtllm", "--strict")
     assert r.code == 2 and "--strict" in r.err and not (tmp_path / "s").exists()
 
 
@@ -280,12 +280,12 @@ def test_per_head_kv_cache_is_refused(cli, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"]["kv_cache_scheme"]["strategy"] = "attn_head"
     (src / "config.json").write_text(json.dumps(cfg))
-    r = cli("repack", src, tmp_path / "o", "--target", "modelopt")
+    r = cli("repack", src, tmp_path / "o", "--target", "trtllm")
     assert r.code == 2 and "kv_cache_scheme" in r.err and not (tmp_path / "o").exists()
 
 
 def test_online_transform_is_refused(cli, tmp_path):
-    r = cli("repack", FIXTURES / "transform-online", tmp_path / "o", "--target", "modelopt")
+    r = cli("repack", FIXTURES / "transform-online", tmp_path / "o", "--target", "trtllm")
     assert r.code == 2 and "online transform" in r.err
 
 
@@ -302,3 +302,12 @@ def test_verify_refuses_a_malformed_hf_quant_config(cli, tmp_path, edit):
     (out / "hf_quant_config.json").write_text(json.dumps(hf))
     r = cli("verify", FIXTURES / "w4a16-g128", out)
     assert r.code == 2 and "hf_quant_config.json" in r.err and "Traceback" not in r.err, r.err
+
+
+def test_modelopt_is_an_alias_of_trtllm(cli, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("repack", FIXTURES / "w4a16-g128", a, "--target", "trtllm", "-q").code == 0
+    assert cli("repack", FIXTURES / "w4a16-g128", b, "--target", "modelopt", "-q").code == 0
+    ma, mb = (json.loads((d / "ct-convert.json").read_text()) for d in (a, b))
+    assert ma["target"] == mb["target"] == "trtllm"
+    assert ma["files"] == mb["files"]

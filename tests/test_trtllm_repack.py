@@ -30,7 +30,7 @@ ROW = {"attention.dense", "mlp.proj"}
 
 
 def repack(cli, src, out, *args):
-    r = cli("repack", src, out, "--target", "trtllm", "--json", *args)
+    r = cli("repack", src, out, "--target", "trtllm-legacy", "--json", *args)
     assert r.code == 0, r.err
     assert r.json()["verified"] is True
     return json.loads((out / "config.json").read_text()), [load_file(p) for p in sorted(out.glob("rank*.safetensors"))]
@@ -154,7 +154,7 @@ def test_int8_channel_weight_only_to_w8a16(cli, tmp_path):
 
 def test_w8a8_dynamic_activations_are_refused(cli, tmp_path):
     out = tmp_path / "o"
-    r = cli("repack", FIXTURES / "w8a8-int", out, "--target", "trtllm", "--sm", "80")
+    r = cli("repack", FIXTURES / "w8a8-int", out, "--target", "trtllm-legacy", "--sm", "80")
     assert r.code == 2 and "activations are quantized" in r.err and not out.exists()
 
 
@@ -188,7 +188,7 @@ def test_fp8_static_with_equal_fused_scales_to_fp8(cli, tmp_path):
 
 def test_fp8_static_different_qkv_scales_refused_or_kept_dense(cli, tmp_path):
     out = tmp_path / "o"
-    r = cli("repack", FIXTURES / "fp8-static", out, "--target", "trtllm")
+    r = cli("repack", FIXTURES / "fp8-static", out, "--target", "trtllm-legacy")
     assert r.code == 2 and "different weight_scales" in r.err and not out.exists()
     cfg, (rank,) = repack(cli, FIXTURES / "fp8-static", out, "--keep-unsupported", "dense")
     assert "transformer.layers.0.attention.qkv" in cfg["quantization"]["exclude_modules"]
@@ -212,7 +212,7 @@ def test_fp8_static_different_qkv_scales_refused_or_kept_dense(cli, tmp_path):
 )
 def test_refusals_exit_2_without_output(cli, tmp_path, name, args, words):
     out = tmp_path / "o"
-    r = cli("repack", FIXTURES / name, out, "--target", "trtllm", *args)
+    r = cli("repack", FIXTURES / name, out, "--target", "trtllm-legacy", *args)
     assert r.code == 2, r.err
     first = r.err.strip().splitlines()[0]
     assert first.startswith("error:") and words in first, r.err

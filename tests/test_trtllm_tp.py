@@ -143,7 +143,7 @@ def test_tp2_shards_reassemble_to_tp1(cli, tmp_path, scheme, arch, algo, sm):
     outs = {}
     for tp in (1, 2):
         out = tmp_path / f"tp{tp}"
-        args = ["repack", src, out, "--target", "trtllm", "--tp-size", tp, "--json"] + (["--sm", sm] if sm else [])
+        args = ["repack", src, out, "--target", "trtllm-legacy", "--tp-size", tp, "--json"] + (["--sm", sm] if sm else [])
         r = cli(*args)
         assert r.code == 0, r.err
         assert r.json()["verified"] is True
@@ -172,12 +172,12 @@ def test_tp2_shards_reassemble_to_tp1(cli, tmp_path, scheme, arch, algo, sm):
 def test_kv_heads_fewer_than_ranks_are_refused(cli, tmp_path):
     src = make_checkpoint(tmp_path / "src", "sym-g128")
     out = tmp_path / "o"
-    r = cli("repack", src, out, "--target", "trtllm", "--tp-size", "4")
+    r = cli("repack", src, out, "--target", "trtllm-legacy", "--tp-size", "4")
     assert r.code == 2 and "num_key_value_heads 2" in r.err and "duplicating" in r.err and not out.exists()
 
 
 def test_groupwise_shapes_that_trtllm_would_pad_are_refused(cli, tmp_path):
     out = tmp_path / "o"
     # hidden 128 at tp 2: TensorRT-LLM pads groupwise layers to multiples of max(64, 128) x 2
-    r = cli("repack", FIXTURES / "w4a16-g128", out, "--target", "trtllm", "--tp-size", "2")
+    r = cli("repack", FIXTURES / "w4a16-g128", out, "--target", "trtllm-legacy", "--tp-size", "2")
     assert r.code == 2 and "would pad" in r.err and not out.exists()

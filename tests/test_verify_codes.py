@@ -26,13 +26,13 @@ CASES = [
     ("w4a16-g128", "gguf"),  # llama: Q/K rows in rope order, Q4_0 blocks of 32 under groups of 128
     ("w8a16-g128", "gguf"),  # Q8_0
     ("gguf/qwen3moe-w4a16", "gguf"),  # stacked experts, one expert a module
-    ("w4a16-g128", "trtllm"),  # W4A16_AWQ: fused q/k/v rows
+    ("w4a16-g128", "trtllm-legacy"),  # W4A16_AWQ: fused q/k/v rows
     ("w3a16-g128", "mlx"),  # affine words: the stream itself
     ("legacy-0.14-w3a16", "mlx"),  # codes-per-word source: compared through the unpacked codes
     ("w4a16-channel", "mlx"),  # one source group becomes K/128 MLX groups
     ("moe-w4a16", "mlx"),  # stacked switch_mlp experts, one expert a module
-    ("w4a16-g128", "modelopt"),  # W4A16_AWQ: nibble pairs along N
-    ("moe-w4a16", "modelopt"),
+    ("w4a16-g128", "trtllm"),  # W4A16_AWQ: nibble pairs along N
+    ("moe-w4a16", "trtllm"),
 ]
 
 
@@ -62,7 +62,7 @@ def test_trtllm_ranks_are_put_back_together_in_the_code_domain(cli, tmp_path):
 
     src = make_checkpoint(tmp_path / "src", "sym-g128", "LlamaForCausalLM")
     out = tmp_path / "out"
-    assert cli("repack", src, out, "--target", "trtllm", "--tp-size", "2", "--no-verify", "-q").code == 0
+    assert cli("repack", src, out, "--target", "trtllm-legacy", "--tp-size", "2", "--no-verify", "-q").code == 0
     reader, out_reader = open_checkpoint(resolve(str(src), None)), open_output(out)
     assert out_reader.tp == 2 and out_reader.algo == "W4A16_AWQ"
     for name, info in reader.modules.items():
@@ -73,7 +73,7 @@ def test_trtllm_ranks_are_put_back_together_in_the_code_domain(cli, tmp_path):
 
 @pytest.mark.parametrize("tensor,xor", [("weight", 0x08), ("weights_scaling_factor", 0x1)])
 def test_a_changed_trtllm_code_or_scale_is_found(cli, tmp_path, tensor, xor):
-    reader, out = _repack(cli, tmp_path, "w4a16-g128", "trtllm")
+    reader, out = _repack(cli, tmp_path, "w4a16-g128", "trtllm-legacy")
     _flip(out / "rank0.safetensors", f"transformer.layers.0.mlp.proj.{tensor}", 7, xor)
     out_reader = open_output(out)
     module = "model.layers.0.mlp.down_proj"

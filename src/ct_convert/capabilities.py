@@ -5,7 +5,7 @@ from __future__ import annotations
 from ct_convert.qweight import ModuleInfo
 from ct_convert.writers import WRITERS, RepackOptions
 
-TARGET_ORDER = ("dense", "awq", "gptq", "marlin", "trtllm", "modelopt", "gguf", "mlx")
+TARGET_ORDER = ("dense", "awq", "gptq", "marlin", "trtllm", "trtllm-legacy", "gguf", "mlx")
 
 
 def module_targets(info: ModuleInfo) -> tuple[dict[str, bool], dict[str, str]]:

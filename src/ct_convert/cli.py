@@ -16,7 +16,7 @@ from ct_convert.errors import CTConvertError, file_being_read
 
 app = typer.Typer(
     name="ct-convert",
-    help="Convert compressed-tensors checkpoints, exactly and offline, into dense, AWQ, GPTQ, Marlin, TensorRT-LLM and GGUF layouts.",
+    help="Convert compressed-tensors checkpoints, exactly and offline, into dense, AWQ, GPTQ, Marlin, TensorRT-LLM (ModelOpt and legacy), GGUF and MLX layouts.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -31,7 +31,8 @@ class Target(str, Enum):
     gptq = "gptq"
     marlin = "marlin"
     trtllm = "trtllm"
-    modelopt = "modelopt"
+    modelopt = "modelopt"  # alias of trtllm: the ModelOpt checkpoint is what vLLM and SGLang load too
+    trtllm_legacy = "trtllm-legacy"
     gguf = "gguf"
     mlx = "mlx"
 
@@ -108,8 +109,8 @@ def repack(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Modules converted in parallel (default: number of cores)."),
     keep_unsupported: Optional[Keep] = typer.Option(None, "--keep-unsupported", help="Write modules the target cannot hold dequantized (dense) instead of refusing."),
     gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help="GPTQ checkpoint format (gptq target)."),
-    tp_size: int = typer.Option(1, "--tp-size", min=1, help="Tensor-parallel ranks (trtllm target)."),
-    sm: Optional[int] = typer.Option(None, "--sm", help="GPU architecture 80, 89, 90 or 100 (trtllm W4A16_GPTQ)."),
+    tp_size: int = typer.Option(1, "--tp-size", min=1, help="Tensor-parallel ranks (trtllm-legacy target)."),
+    sm: Optional[int] = typer.Option(None, "--sm", help="GPU architecture 80, 89, 90 or 100 (trtllm-legacy W4A16_GPTQ)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target) or of an inexact NVFP4 activation scale (modelopt target)."),
     vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Take the vocabulary from this GGUF file (gguf target)."),
     nvfp4: bool = typer.Option(False, "--nvfp4", help="Write NVFP4 weights as GGUF NVFP4 (gguf target)."),
@@ -133,7 +134,7 @@ def repack(
     if sm is not None and sm not in (80, 89, 90, 100):
         raise CTConvertError(f"--sm {sm}: choose one of 80, 89, 90, 100")
     opts = RepackOptions(
-        target=target.value,
+        target="trtllm" if target is Target.modelopt else target.value,
         dtype=DTYPES[dtype.value] if dtype else None,
         device=resolve_device(device.value),
         max_shard_size=shard_bytes,

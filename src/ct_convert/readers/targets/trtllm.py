@@ -72,7 +72,7 @@ def undo_mixed_gemm(data: torch.Tensor, k: int, n: int, bits: int, sm: int) -> t
 
 
 class TRTLLMOutput:
-    kind = "trtllm"
+    kind = "trtllm-legacy"
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -252,7 +252,7 @@ def _sm_from_metadata(folder: Path) -> int | None:
     return int(sm) if sm and str(sm).isdigit() else None
 
 
-@register("trtllm")
+@register("trtllm-legacy")
 class TRTLLMKind:
     def detect(self, folder: Path) -> bool:
         cfg = folder / "config.json"

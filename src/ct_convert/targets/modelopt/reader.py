@@ -29,7 +29,7 @@ def nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ModelOptOutput(HFOutputReader):
-    kind = "modelopt"
+    kind = "trtllm"
     working_bytes_per_weight = 12  # float32 of the weight plus the unpacked codes
 
     def __init__(self, folder: Path):
@@ -158,7 +158,7 @@ class ModelOptOutput(HFOutputReader):
         raise InputError(f"{module}: quant_algo {algo} is not one ct-convert reads back")
 
 
-@register("modelopt")
+@register("trtllm")
 class ModelOptKind:
     def detect(self, folder: Path) -> bool:
         return (folder / layout.HF_QUANT_CONFIG).is_file() or quant_method(folder) == layout.QUANT_METHOD

@@ -1,4 +1,4 @@
-"""`--target modelopt` (to become `trtllm`): the ModelOpt unified HF checkpoint that TensorRT-LLM's PyTorch
+"""`--target trtllm` (alias `modelopt`): the ModelOpt unified HF checkpoint that TensorRT-LLM's PyTorch
 backend loads. Hugging Face tensor names pass through, so any architecture TensorRT-LLM (or vLLM,
 SGLang) supports is written; each quantized module gets one `quant_algo` (plan.py), several different
 ones make the checkpoint MIXED_PRECISION. The HF folder machinery (shards, streaming, copies) is hf.py's.
@@ -23,7 +23,7 @@ ACTIVATION_QPARAMS = ("input_scale", "input_global_scale")
 
 @register
 class ModelOptWriter(HFWriter):
-    name = "modelopt"
+    name = "trtllm"
 
     # -- per module ---------------------------------------------------------------------------
     def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:

@@ -1,4 +1,4 @@
-"""`--target trtllm`: a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) for trtllm-build.
+"""`--target trtllm-legacy`: a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) for trtllm-build.
 
 Not an HF folder: q/k/v are fused, tensors renamed and split per tensor-parallel rank. Every rank file's
 header is planned from header facts first; then fused linears are produced one at a time and each
@@ -34,7 +34,7 @@ class Item:
 
 @register
 class TRTLLMWriter:
-    name = "trtllm"
+    name = "trtllm-legacy"
 
     def refusal(self, info, opts: RepackOptions) -> str | None:
         return planning.module_refusal(info, opts)

@@ -118,14 +118,14 @@ class Plan:
 def _refuse(refused: list[tuple[str, str]], hint: str) -> None:
     name, why = refused[0]
     more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-    raise UnsupportedConversion(f"{name}: cannot be written as trtllm: {why}{more}", hint=hint)
+    raise UnsupportedConversion(f"{name}: cannot be written as trtllm-legacy: {why}{more}", hint=hint)
 
 
 def build(reader, opts: RepackOptions) -> Plan:
     arch = reader.architecture
     if arch not in ARCHITECTURES:
         raise UnsupportedConversion(
-            f"architecture {arch}: the trtllm target writes only {', '.join(ARCHITECTURES)}",
+            f"architecture {arch}: the trtllm-legacy target writes only {', '.join(ARCHITECTURES)}",
             hint="Choose another --target for this model.",
         )
     if reader.online_transforms:
@@ -144,7 +144,7 @@ def build(reader, opts: RepackOptions) -> Plan:
     for name, info in reader.modules.items():
         why = module_refusal(info, opts)
         if why and (name != "lm_head" and linear_of(name) is None):
-            _refuse([(name, why)], "The trtllm target holds Llama-family decoder layers only; choose another --target.")
+            _refuse([(name, why)], "The trtllm-legacy target holds Llama-family decoder layers only; choose another --target.")
         if why:
             reasons[name] = why
         else:
@@ -332,5 +332,5 @@ def _carried(reader, plan: Plan, names: set[str]) -> None:
         else:
             raise UnsupportedConversion(
                 f"{t}: no counterpart in a TensorRT-LLM {reader.architecture} checkpoint",
-                hint="The trtllm target holds Llama-family decoder layers only; choose another --target.",
+                hint="The trtllm-legacy target holds Llama-family decoder layers only; choose another --target.",
             )
