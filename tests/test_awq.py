@@ -8,8 +8,9 @@ import torch
 
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
-from ct_convert.readers.targets.awq import unpack_awq
-from ct_convert.writers import RepackOptions, writer_for
+from ct_convert.targets.awq.reader import unpack_awq
+from ct_convert.targets import writer_for
+from ct_convert.targets.writer_base import RepackOptions
 
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -94,7 +95,7 @@ def test_nibble_transpose_of_library_packed_words_equals_the_unpacked_path(n, k)
     """The bit-parallel path (no unpacking) against the byte path tested above on AutoAWQ's order."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from ct_convert.writers.awq import pack_awq, transpose_awq
+    from ct_convert.targets.awq.writer import pack_awq, transpose_awq
 
     q = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int8)
     words = pack_to_int32(q, 4)

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, FIXTURE_NAMES
 from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.readers.targets.base import open_store
+from ct_convert.targets.reader_base import open_store
 from ct_convert.source import resolve
 
 REFUSED = {"transform-online"}

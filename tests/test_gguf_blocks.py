@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ct_convert import floatcodes
-from ct_convert.writers.gguf import blocks
+from ct_convert.targets.gguf import blocks
 
 T = gguf.GGMLQuantizationType
 

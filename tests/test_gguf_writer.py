@@ -259,7 +259,7 @@ def test_data_level_fallback_is_reported(cli, tmp_path):
 
 def test_scale_not_fp16_exact_falls_back():
     from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
-    from ct_convert.writers.gguf import mapping
+    from ct_convert.targets.gguf import mapping
 
     info = ModuleInfo("m", "pack-quantized", (2, 64), torch.bfloat16, Encoding.INT, WeightScheme(4, "int", True, "group", 32))
     ok = QuantizedWeight(info, scale=torch.full((2, 2), 2.0**-17, dtype=torch.bfloat16))

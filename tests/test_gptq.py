@@ -8,7 +8,8 @@ import torch
 
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
-from ct_convert.writers import RepackOptions, writer_for
+from ct_convert.targets import writer_for
+from ct_convert.targets.writer_base import RepackOptions
 
 pack_lib = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 

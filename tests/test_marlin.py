@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ct_convert import marlin_layout as ml
-from ct_convert.readers.targets.marlin import unpack_marlin
+from ct_convert.targets.marlin.reader import unpack_marlin
 
 pack_lib = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ct_convert.readers.targets.trtllm import undo_mixed_gemm
-from ct_convert.writers.trtllm.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
+from ct_convert.targets.trtllm_legacy.reader import undo_mixed_gemm
+from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
 
 
 def spec_pattern(k: int, n: int) -> torch.Tensor:

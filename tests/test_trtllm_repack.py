@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
 from test_trtllm_layout import reference_bytes
-from ct_convert.readers.targets import open_output
+from ct_convert.targets import open_output
 
 helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 

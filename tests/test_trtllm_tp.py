@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
-from ct_convert.readers.targets.trtllm import undo_mixed_gemm
+from ct_convert.targets.trtllm_legacy.reader import undo_mixed_gemm
 
 helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 

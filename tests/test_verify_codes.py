@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
 from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.readers.targets import open_output
+from ct_convert.targets import open_output
 from ct_convert.source import resolve
 from ct_convert.verify import bitwise_equal, compare, same_codes
 
@@ -157,7 +157,8 @@ _FLIP_CASES = {"gptq": ("w4a16-asym-g128", ("qweight", "qzeros", "scales")),
 @pytest.fixture(scope="module")
 def flip_outputs(tmp_path_factory):
     """One repacked output per target, shared by the hypothesis examples (built on first use)."""
-    from ct_convert.writers import RepackOptions, writer_for
+    from ct_convert.targets import writer_for
+    from ct_convert.targets.writer_base import RepackOptions
 
     cache = {}
 
@@ -177,7 +178,7 @@ def flip_outputs(tmp_path_factory):
 @settings(max_examples=int(os.environ.get("CT_FUZZ_EXAMPLES", "150")) // 3, deadline=None, derandomize=True)
 def test_no_single_bit_flip_in_a_quantized_tensor_goes_unseen(flip_outputs, target, pick, bit):
     """Whatever code, zero point or scale bit of whichever module changes, verification names that module."""
-    from ct_convert.readers.targets.base import open_store
+    from ct_convert.targets.reader_base import open_store
 
     reader, out = flip_outputs(target)
     store = open_store(out)

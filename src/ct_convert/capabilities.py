@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from ct_convert.qweight import ModuleInfo
-from ct_convert.writers import WRITERS, RepackOptions
-
-TARGET_ORDER = ("dense", "awq", "gptq", "marlin", "trtllm", "gguf")
+from ct_convert.targets import TABLE, writer_for
+from ct_convert.targets.writer_base import RepackOptions
 
 
 def module_targets(info: ModuleInfo) -> tuple[dict[str, bool], dict[str, str]]:
     targets, reasons = {}, {}
-    names = [t for t in TARGET_ORDER if t in WRITERS] + sorted(set(WRITERS) - set(TARGET_ORDER))
-    for t in names:
-        why = WRITERS[t].refusal(info, RepackOptions(target=t))
+    for t in (t.name for t in TABLE if t.inspect):
+        why = writer_for(t).refusal(info, RepackOptions(target=t))
         targets[t] = why is None
         if why:
             reasons[t] = why

@@ -12,6 +12,7 @@ import typer
 
 from ct_convert import __version__, console
 from ct_convert.errors import CTConvertError
+from ct_convert.targets import TABLE, spec
 
 app = typer.Typer(
     name="ct-convert",
@@ -24,13 +25,8 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-class Target(str, Enum):
-    dense = "dense"
-    awq = "awq"
-    gptq = "gptq"
-    marlin = "marlin"
-    trtllm = "trtllm"
-    gguf = "gguf"
+# --target choices: every name and alias in the target table
+Target = Enum("Target", [(n, n) for t in TABLE for n in (t.name, *t.aliases)], type=str)
 
 
 class DType(str, Enum):
@@ -118,10 +114,9 @@ def repack(
     """Rewrite a compressed-tensors checkpoint into another engine's layout."""
     _state["debug"] = debug
     from ct_convert.commands.repack import repack as run
-    from ct_convert.cuda import resolve_device
+    from ct_convert.device import resolve_device
     from ct_convert.safetensors_out import parse_size
-    from ct_convert.writers import RepackOptions
-    from ct_convert.writers.base import DTYPES
+    from ct_convert.targets.writer_base import DTYPES, RepackOptions
 
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -130,7 +125,7 @@ def repack(
     if sm is not None and sm not in (80, 89, 90, 100):
         raise CTConvertError(f"--sm {sm}: choose one of 80, 89, 90, 100")
     opts = RepackOptions(
-        target=target.value,
+        target=spec(target.value).name,
         dtype=DTYPES[dtype.value] if dtype else None,
         device=resolve_device(device.value),
         max_shard_size=shard_bytes,

@@ -11,11 +11,10 @@ from ct_convert import __version__, console
 from ct_convert.errors import VerificationFailed
 from ct_convert.output import OutputFolder, write_bytes_with_hash
 from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.readers.targets import open_output
 from ct_convert.source import resolve
+from ct_convert.targets import open_output, writer_for
+from ct_convert.targets.writer_base import RepackOptions, WriteReport
 from ct_convert.verify import compare
-from ct_convert.writers import RepackOptions, writer_for
-from ct_convert.writers.base import WriteReport
 
 
 def repack(source: str, output: Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ct_convert import console
 from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.readers.targets import open_output
+from ct_convert.targets import open_output
 from ct_convert.source import resolve
 from ct_convert.verify import ModuleResult, check_manifest, compare
 

@@ -11,8 +11,8 @@ import torch
 
 from ct_convert import floatcodes
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
-from ct_convert.writers.gguf import blocks
-from ct_convert.writers.gguf.arch import F32_SLOTS, NVFP4_SLOTS
+from ct_convert.targets.gguf import blocks
+from ct_convert.targets.gguf.arch import F32_SLOTS, NVFP4_SLOTS
 
 DENSE_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TORCH_OF = {v: k for k, v in DENSE_TYPES.items()}

@@ -11,8 +11,8 @@ from ct_convert.errors import UnsupportedConversion
 from ct_convert.marlin_layout import pack_lsb
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.writers.base import RepackOptions, WriteReport, register
-from ct_convert.writers.intweights import IntWeightWriter, fp16_scales, unsigned_codes, unsigned_zeros
+from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, unsigned_codes, unsigned_zeros
 
 
 def pack_along_last(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -27,7 +27,6 @@ def dynamic_exclusions(modules: list[str]) -> dict[str, dict]:
     return {f"-:^{re.escape(m)}$": {} for m in modules}
 
 
-@register
 class GPTQWriter(IntWeightWriter):
     name = "gptq"
     label = "GPTQ"
@@ -100,3 +99,5 @@ class GPTQWriter(IntWeightWriter):
             config["dynamic"] = dynamic_exclusions(skipped)
         return config
 
+
+Writer = GPTQWriter

@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 
 from ct_convert.errors import InputError, UnsupportedConversion
-from ct_convert.writers.gguf.pre_tokenizers import CHECK_TEXT, PRE_BY_HASH
+from ct_convert.targets.gguf.pre_tokenizers import CHECK_TEXT, PRE_BY_HASH
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _HINT = "Pass --vocab-from FILE.gguf (a GGUF of the same base model) to take its vocabulary."

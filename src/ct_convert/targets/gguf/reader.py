@@ -17,24 +17,22 @@ import numpy as np
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import BAND_BYTES, GroupCodes, register
+from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
 _EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 _BLOCK_TYPES = {"Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4"}
 _INT_BLOCKS = {"Q4_0": (18, 8), "Q8_0": (34, 128)}  # block bytes, the unsigned code of zero
 
 
-@register("gguf")
-class GGUFKind:
-    def detect(self, folder: Path) -> bool:
-        return any(folder.glob("*.gguf"))
+def detect(folder: Path, config) -> bool:
+    return any(folder.glob("*.gguf"))
 
-    def open(self, folder: Path) -> "GGUFOutput":
-        return GGUFOutput(folder)
+
+def open(folder: Path) -> "GGUFOutput":
+    return GGUFOutput(folder)
 
 
 class GGUFOutput:
-    kind = "gguf"
     working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
 
     def __init__(self, folder: Path):

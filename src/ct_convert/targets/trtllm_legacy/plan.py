@@ -10,9 +10,9 @@ import torch
 
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo
-from ct_convert.writers.base import RepackOptions
-from ct_convert.writers.trtllm import mixed_gemm
-from ct_convert.writers.trtllm.names import (
+from ct_convert.targets.writer_base import RepackOptions
+from ct_convert.targets.trtllm_legacy import mixed_gemm
+from ct_convert.targets.trtllm_legacy.names import (
     ARCHITECTURES,
     COLUMN,
     IGNORABLE,

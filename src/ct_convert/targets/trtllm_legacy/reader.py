@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, dequantize_groups, register
+from ct_convert.targets.reader_base import GroupCodes, dequantize_groups
 from ct_convert.tensorstore import TensorStore, read_header
 
 SM_METADATA_KEY = "ct_convert.sm"  # safetensors __metadata__ key: the GPU layout a rank file holds
@@ -72,7 +72,6 @@ def undo_mixed_gemm(data: torch.Tensor, k: int, n: int, bits: int, sm: int) -> t
 
 
 class TRTLLMOutput:
-    kind = "trtllm"
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -252,17 +251,9 @@ def _sm_from_metadata(folder: Path) -> int | None:
     return int(sm) if sm and str(sm).isdigit() else None
 
 
-@register("trtllm")
-class TRTLLMKind:
-    def detect(self, folder: Path) -> bool:
-        cfg = folder / "config.json"
-        if not (folder / "rank0.safetensors").is_file() or not cfg.is_file():
-            return False
-        try:
-            data = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        return isinstance(data, dict) and "architecture" in data and "mapping" in data
+def detect(folder: Path, config) -> bool:
+    return isinstance(config, dict) and "architecture" in config and "mapping" in config and (folder / "rank0.safetensors").is_file()
 
-    def open(self, folder: Path) -> TRTLLMOutput:
-        return TRTLLMOutput(folder)
+
+def open(folder: Path) -> TRTLLMOutput:
+    return TRTLLMOutput(folder)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_method, register
+from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,6 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
 
 
 class AWQOutput(HFOutputReader):
-    kind = "awq"
     working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
     def decode(self, module: str) -> GroupCodes | None:
@@ -49,10 +48,9 @@ class AWQOutput(HFOutputReader):
         return GroupCodes(lambda: unpack_awq(qweight).t(), z.to(torch.int16), s)
 
 
-@register("awq")
-class AWQKind:
-    def detect(self, folder: Path) -> bool:
-        return quant_method(folder) == "awq"
+def detect(folder: Path, config) -> bool:
+    return quant_method(config) == "awq"
 
-    def open(self, folder: Path) -> AWQOutput:
-        return AWQOutput(folder)
+
+def open(folder: Path) -> AWQOutput:
+    return AWQOutput(folder)

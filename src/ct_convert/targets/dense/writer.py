@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.writers.base import RepackOptions, WriteReport, register
-from ct_convert.writers.hf import HFWriter
+from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.targets.hf_writer import HFWriter
 
 
-@register
 class DenseWriter(HFWriter):
     name = "dense"
 
@@ -23,3 +22,6 @@ class DenseWriter(HFWriter):
 
     def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> None:
         return None
+
+
+Writer = DenseWriter

@@ -20,7 +20,7 @@ from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
-from ct_convert.writers.base import Progress, RepackOptions, WriteReport, exact_cast
+from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport, exact_cast
 
 DENSE_FALLBACK = "dense"
 

@@ -16,11 +16,11 @@ import torch
 
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec
-from ct_convert.writers.base import Progress, RepackOptions, WriteReport, exact_cast, register
-from ct_convert.writers.trtllm import plan as planning
-from ct_convert.writers.trtllm.encode import encode_linear, linear_specs
-from ct_convert.writers.trtllm.names import trtllm_config
-from ct_convert.writers.trtllm.tp import column_shard
+from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport, exact_cast
+from ct_convert.targets.trtllm_legacy import plan as planning
+from ct_convert.targets.trtllm_legacy.encode import encode_linear, linear_specs
+from ct_convert.targets.trtllm_legacy.names import trtllm_config
+from ct_convert.targets.trtllm_legacy.tp import column_shard
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -32,7 +32,6 @@ class Item:
     source_bytes: int
 
 
-@register
 class TRTLLMWriter:
     name = "trtllm"
 
@@ -191,3 +190,6 @@ def _lm_head_item(reader, plan: planning.Plan) -> Item:
         return [{"lm_head.weight": column_shard([w], plan.tp, r)} for r in range(plan.tp)]
 
     return Item(specs, produce, 0)
+
+
+Writer = TRTLLMWriter

@@ -12,8 +12,8 @@ from ct_convert import bitpack
 from ct_convert.marlin_layout import INTERLEAVE
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.writers.base import RepackOptions, WriteReport, register
-from ct_convert.writers.intweights import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes, unsigned_zeros
+from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes, unsigned_zeros
 
 AWQ_ORDER = INTERLEAVE[4]  # nibble i of a word holds column 8c + AWQ_ORDER[i]
 
@@ -58,7 +58,6 @@ def transpose_awq(words: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=1).permute(2, 1, 0).reshape(kw * 8, n // 8)
 
 
-@register
 class AWQWriter(IntWeightWriter):
     name = "awq"
     label = "AWQ"
@@ -122,3 +121,6 @@ class AWQWriter(IntWeightWriter):
             "zero_point": True,
             "modules_to_not_convert": self.unconverted(reader, report),
         }
+
+
+Writer = AWQWriter

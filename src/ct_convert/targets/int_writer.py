@@ -7,8 +7,8 @@ import torch
 
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
-from ct_convert.writers.base import RepackOptions, WriteReport, exact_cast
-from ct_convert.writers.hf import HFWriter
+from ct_convert.targets.writer_base import RepackOptions, WriteReport, exact_cast
+from ct_convert.targets.hf_writer import HFWriter
 
 
 class IntWeightWriter(HFWriter):

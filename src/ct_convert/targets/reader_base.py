@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -14,7 +13,6 @@ from ct_convert.tensorstore import TensorStore
 
 
 class OutputReader(Protocol):
-    kind: str
     working_bytes_per_weight: int  # memory a comparison of one module needs, per weight
 
     def dequantize(self, module: str) -> torch.Tensor | None:
@@ -27,34 +25,15 @@ class OutputReader(Protocol):
         """A tensor carried over from the source, by its source name, or None if absent."""
 
 
-class ReaderKind(Protocol):
-    def detect(self, folder: Path) -> bool: ...
-
-    def open(self, folder: Path) -> OutputReader: ...
-
-
-OUTPUT_READERS: dict[str, ReaderKind] = {}
-
 BAND_BYTES = 64 << 20  # large tensors are copied and compared this many bytes at a time
 
 
-def register(kind: str):
-    def deco(cls):
-        OUTPUT_READERS[kind] = cls()
-        return cls
-
-    return deco
-
-
-def quant_method(folder: Path) -> str | None:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
+def quant_method(config) -> str | None:
+    """`quantization_config.quant_method` of an output's parsed config.json: None without a readable
+    config.json, "" without a quantization_config."""
+    if config is None:
         return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    qc = data.get("quantization_config") if isinstance(data, dict) else None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
     return str(qc.get("quant_method")) if isinstance(qc, dict) else ""
 
 
@@ -102,7 +81,6 @@ def dequantize_groups(codes_nk: torch.Tensor, zeros: torch.Tensor, scales: torch
 class HFOutputReader:
     """A folder of safetensors shards; modules written dense (fallbacks) are read as `.weight`."""
 
-    kind = ""
     working_bytes_per_weight = 8  # the weight in the model dtype, read and recomputed, or float32 fallbacks
 
     def __init__(self, folder: Path):

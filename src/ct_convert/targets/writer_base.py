@@ -74,24 +74,6 @@ class Writer(Protocol):
         """Write the complete output into `out` (an empty temporary folder)."""
 
 
-WRITERS: dict[str, Writer] = {}
-
-
-def register(cls):
-    inst = cls()
-    WRITERS[inst.name] = inst
-    return cls
-
-
-def writer_for(target: str) -> Writer:
-    try:
-        return WRITERS[target]
-    except KeyError:
-        raise UnsupportedConversion(
-            f"unknown target {target!r}", hint=f"Choose one of: {', '.join(sorted(WRITERS))}."
-        ) from None
-
-
 def exact_cast(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     """Cast a float tensor, refusing when any value changes (a bf16 value that fp16 cannot hold)."""
     if t.dtype == dtype:

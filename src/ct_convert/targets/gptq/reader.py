@@ -9,11 +9,10 @@ import torch
 
 from ct_convert import bitpack
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_method, register
+from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
 
 
 class GPTQOutput(HFOutputReader):
-    kind = "gptq"
     working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
     def decode(self, module: str) -> GroupCodes | None:
@@ -42,10 +41,9 @@ class GPTQOutput(HFOutputReader):
         )
 
 
-@register("gptq")
-class GPTQKind:
-    def detect(self, folder: Path) -> bool:
-        return quant_method(folder) == "gptq"
+def detect(folder: Path, config) -> bool:
+    return quant_method(config) == "gptq"
 
-    def open(self, folder: Path) -> GPTQOutput:
-        return GPTQOutput(folder)
+
+def open(folder: Path) -> GPTQOutput:
+    return GPTQOutput(folder)

@@ -23,9 +23,9 @@ from ct_convert.errors import UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import ModuleInfo
 from ct_convert.sink import HashingSink
-from ct_convert.writers.base import Progress, RepackOptions, WriteReport, register
-from ct_convert.writers.gguf import arch as A
-from ct_convert.writers.gguf import blocks, mapping, vocab
+from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport
+from ct_convert.targets.gguf import arch as A
+from ct_convert.targets.gguf import blocks, mapping, vocab
 
 OUTPUT_STEM = "model"
 _GUESS_NAMES = A.Names(gguf.MODEL_ARCH.LLAMA, 1)  # slot lookup for `refusal`, which has no config
@@ -59,7 +59,6 @@ class Layout:
     dropped: list[str] = field(default_factory=list)
 
 
-@register
 class GGUFWriter:
     name = "gguf"
 
@@ -325,3 +324,6 @@ def _report(layout: Layout, report: WriteReport, voc: vocab.Vocab, n_files: int)
     report.notes.extend(voc.notes)
     if n_files > 1:
         report.notes.append(f"split into {n_files} parts: load the first ({OUTPUT_STEM}-00001-of-{n_files:05d}.gguf)")
+
+
+Writer = GGUFWriter

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.writers.base import exact_cast
-from ct_convert.writers.trtllm import plan as planning
-from ct_convert.writers.trtllm.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
-from ct_convert.writers.trtllm.names import ROW
-from ct_convert.writers.trtllm.tp import column_shard, row_shard
+from ct_convert.targets.writer_base import exact_cast
+from ct_convert.targets.trtllm_legacy import plan as planning
+from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
+from ct_convert.targets.trtllm_legacy.names import ROW
+from ct_convert.targets.trtllm_legacy.tp import column_shard, row_shard
 
 
 def rank_shape(plan: planning.Plan, lp: planning.LinearPlan) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, quant_method, register
+from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
 
 def _scale_source(groups: int) -> torch.Tensor:
     """Column of the stored `s` that holds original column c, within one permutation block."""
@@ -46,7 +46,6 @@ def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
 
 
 class MarlinOutput(HFOutputReader):
-    kind = "marlin"
     working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
     def decode(self, module: str) -> GroupCodes | None:
@@ -65,10 +64,9 @@ class MarlinOutput(HFOutputReader):
         return GroupCodes(lambda: unpack_marlin(b).t(), torch.full((g, n), 8, dtype=torch.int16), s)
 
 
-@register("marlin")
-class MarlinKind:
-    def detect(self, folder: Path) -> bool:
-        return quant_method(folder) == "marlin"
+def detect(folder: Path, config) -> bool:
+    return quant_method(config) == "marlin"
 
-    def open(self, folder: Path) -> MarlinOutput:
-        return MarlinOutput(folder)
+
+def open(folder: Path) -> MarlinOutput:
+    return MarlinOutput(folder)

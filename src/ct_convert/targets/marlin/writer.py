@@ -10,11 +10,10 @@ from ct_convert import bitpack
 from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights_from_stream
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.writers.base import RepackOptions, WriteReport, register
-from ct_convert.writers.intweights import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
+from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
 
 
-@register
 class MarlinWriter(IntWeightWriter):
     name = "marlin"
     label = "Marlin"
@@ -75,3 +74,6 @@ class MarlinWriter(IntWeightWriter):
             "desc_act": False,
             "lm_head": report.modules.get("lm_head", {}).get("status") == "converted",
         }
+
+
+Writer = MarlinWriter
