@@ -12,7 +12,6 @@ import torch
 from ct_convert import floatcodes
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
 from ct_convert.targets.gguf import blocks
-from ct_convert.targets.gguf.arch import F32_SLOTS, NVFP4_SLOTS
 
 DENSE_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TORCH_OF = {v: k for k, v in DENSE_TYPES.items()}
@@ -23,16 +22,16 @@ def dense_type(dtype: torch.dtype) -> str:
     return DENSE_TYPES.get(dtype, "F32")
 
 
-def choose(info: ModuleInfo, slot: str, nvfp4: bool) -> tuple[str, str | None]:
-    """(ggml type, why it is a fallback or None) from header facts."""
-    fallback = "F32" if slot in F32_SLOTS else dense_type(info.dtype)
-    if slot in F32_SLOTS:
+def choose(info: ModuleInfo, slot: str, model, nvfp4: bool) -> tuple[str, str | None]:
+    """(ggml type, why it is a fallback or None) from header facts; `model` the architecture."""
+    fallback = "F32" if slot in model.f32_slots else dense_type(info.dtype)
+    if slot in model.f32_slots:
         return fallback, "llama.cpp keeps the MoE router in F32"
-    quantized, why = _quantized_type(info, slot, nvfp4)
+    quantized, why = _quantized_type(info, slot, model, nvfp4)
     return (quantized, None) if quantized else (fallback, why)
 
 
-def _quantized_type(info: ModuleInfo, slot: str, nvfp4: bool) -> tuple[str | None, str | None]:
+def _quantized_type(info: ModuleInfo, slot: str, model, nvfp4: bool) -> tuple[str | None, str | None]:
     s, k, e = info.scheme, info.in_features, info.encoding
     if e is Encoding.DENSE:
         return None, "stored unquantized in the source"
@@ -41,7 +40,7 @@ def _quantized_type(info: ModuleInfo, slot: str, nvfp4: bool) -> tuple[str | Non
     if info.format == "nvfp4-pack-quantized":
         if not nvfp4:
             return None, "NVFP4 is written only with --nvfp4 (needs llama.cpp with NVFP4; ollama cannot read it)"
-        if slot not in NVFP4_SLOTS:
+        if slot not in model.nvfp4_slots:
             return None, f"llama.cpp has no global-scale slot for NVFP4 in {slot}"
         if k % blocks.QK_NVFP4:
             return None, f"in_features {k} is not a multiple of {blocks.QK_NVFP4}"

@@ -1,25 +1,25 @@
 """GGUF output (gguf.md): read back with gguf-py's reader and dequantizers, mapped to HF names.
 
-HF module -> GGUF tensor through gguf-py's name map (per-expert modules are slices of the stacked
-`*_exps` tensor); the llama Q/K rope order is undone with the closed-form row index of gguf.md §3.4;
-NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
+HF module -> GGUF tensor(s) as the architecture class says (architectures/: gguf-py's name map,
+per-expert modules as slices of the stacked `*_exps` tensor, row orders such as llama's Q/K rope
+order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
 (where it equals the source, gguf.md §0.1).
 """
 
 from __future__ import annotations
 
 import mmap
-import re
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
+from ct_convert import architectures
+from ct_convert.architectures import Part
 from ct_convert.errors import InputError
 from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
-_EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 _BLOCK_TYPES = {"Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4"}
 _INT_BLOCKS = {"Q4_0": (18, 8), "Q8_0": (34, 128)}  # block bytes, the unsigned code of zero
 
@@ -45,38 +45,39 @@ class GGUFOutput:
         # np.memmap keeps its mmap object private; without it pages are simply not released early
         self._maps = {t.name: getattr(r.data, "_mmap", None) for r in self.readers for t in r.tensors}
         head = self.readers[0]
-        self.arch = self._field(head, "general.architecture")
-        arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[self.arch]
-        self.n_head = int(self._field(head, f"{self.arch}.attention.head_count"))
-        self.n_head_kv = int(self._field(head, f"{self.arch}.attention.head_count_kv") or self.n_head)
-        self.names = gguf.get_tensor_name_map(arch_enum, int(self._field(head, f"{self.arch}.block_count")))
+        arch = self._field(head, "general.architecture")
+        cls = architectures.for_gguf(arch)
+        if cls is None:
+            raise InputError(f"{folder}: GGUF architecture {arch!r} is not one ct-convert writes")
+        self.model = cls.from_gguf(lambda key: self._field(head, key))
 
     @staticmethod
     def _field(reader: gguf.GGUFReader, key: str):
         f = reader.fields.get(key)
         return f.contents() if f is not None else None
 
-    def _locate(self, hf_name: str):
-        m = _EXPERT.match(hf_name)
-        stacked = f"{m[1]}.{m[3]}.weight" if m else hf_name
-        name = self.names.get_name(stacked, try_suffixes=(".weight", ".bias"))
-        if name is None or name not in self.tensors:
-            return None, None
-        return self.tensors[name], (int(m[2]) if m else None)
+    def _locate(self, hf_name: str) -> list[tuple[object, Part]] | None:
+        """The stored tensor of every part of an HF tensor, or None if any is absent."""
+        parts = self.model.modify_tensors(hf_name)
+        if not parts or any(p.name not in self.tensors for p in parts):
+            return None
+        return [(self.tensors[p.name], p) for p in parts]
 
     def decode(self, module: str) -> GroupCodes | None:
         """Q4_0 / Q8_0 blocks as codes, the implicit zero point (8 / 128) and one fp16 scale per 32
         columns (gguf.md §2.1, §2.3): Q4_0 byte j holds element j (low nibble) and j + 16."""
-        t, expert = self._locate(f"{module}.weight")
-        if t is None:
+        located = self._locate(f"{module}.weight")
+        if located is None or len(located) > 1:  # a split: compared dequantized
             return None
+        ((t, part),) = located
+        expert = part.expert
         qtype = gguf.GGMLQuantizationType(t.tensor_type).name
         if qtype not in _INT_BLOCKS:
             return None
         size, zero = _INT_BLOCKS[qtype]
         raw = torch.from_numpy(self._copy(t, t.data if expert is None else t.data[expert]))  # [N, row bytes]
         n = raw.shape[0]
-        blocks = self._rope_order(t, raw.reshape(n, -1, size))
+        blocks = _restore_rows([(part, raw.reshape(n, -1, size))])
         scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, -1).t()
         qs = blocks[..., 2:]
 
@@ -91,19 +92,14 @@ class GGUFOutput:
         return self.tensor(f"{module}.weight")
 
     def tensor(self, name: str) -> torch.Tensor | None:
-        t, expert = self._locate(name)
-        if t is None:
+        located = self._locate(name)
+        if located is None:
             return None
-        value = self._values(t, expert)
-        self._release(t)
-        return self._rope_order(t, value)
-
-    def _rope_order(self, t, rows: torch.Tensor) -> torch.Tensor:
-        """Undo llama's Q/K row permutation (rows of values or of whole blocks alike)."""
-        heads = {"attn_q": self.n_head, "attn_k": self.n_head_kv}.get(t.name.split(".")[2] if t.name.startswith("blk.") else "")
-        if self.arch == "llama" and heads:
-            return _unpermute(rows, heads)
-        return rows
+        pieces = []
+        for t, part in located:
+            pieces.append((part, self._values(t, part.expert)))
+            self._release(t)
+        return _restore_rows(pieces)
 
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
@@ -147,13 +143,15 @@ def _element_shape(t, expert: int | None) -> tuple[int, ...]:
     return shape[1:] if expert is not None else shape
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Stored row r = h·hd + 2i + j holds HF row h·hd + j·hd/2 + i; put every row back."""
-    n = w.shape[0]
-    hd = n // n_head
-    r = torch.arange(n)
-    within = r % hd
-    source = (r // hd) * hd + (within % 2) * (hd // 2) + within // 2
-    out = torch.empty_like(w)
-    out[source] = w
+def _restore_rows(pieces: list[tuple[Part, torch.Tensor]]) -> torch.Tensor:
+    """The source tensor from its stored parts (rows of values, or of whole blocks alike): each part
+    holds the source rows its `select` names, in that order; the source has all their rows."""
+    if len(pieces) == 1 and pieces[0][0].select is None:
+        return pieces[0][1]
+    n = sum(v.shape[0] for _, v in pieces)
+    dtypes = {v.dtype for _, v in pieces}
+    out = torch.empty((n, *pieces[0][1].shape[1:]), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    for part, v in pieces:
+        rows = part.rows(n)
+        out[torch.arange(n) if rows is None else rows] = v
     return out

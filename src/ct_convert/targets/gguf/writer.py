@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -24,11 +24,12 @@ from ct_convert.parallel import ordered_map
 from ct_convert.qweight import ModuleInfo
 from ct_convert.sink import HashingSink
 from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport
-from ct_convert.targets.gguf import arch as A
+from ct_convert import architectures
+from ct_convert.architectures.base import ModelBase, slot
 from ct_convert.targets.gguf import blocks, mapping, vocab
 
 OUTPUT_STEM = "model"
-_GUESS_NAMES = A.Names(gguf.MODEL_ARCH.LLAMA, 1)  # slot lookup for `refusal`, which has no config
+_GUESS = architectures.ARCHITECTURES["LlamaForCausalLM"](1, 1, 1)  # slot lookup for `refusal`, which has no config
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Entry:
     ggml: str
     shape: tuple[int, ...]  # numpy order: (N, K) or (E, N, K)
     reason: str | None = None  # why a quantized module is written dense
-    heads: int | None = None  # llama Q/K rope row order over this many heads
+    select: Callable[[int], torch.Tensor] | None = None  # the source rows it holds, given the source's row count
     constant: torch.Tensor | None = None
     order: tuple = ()
 
@@ -54,7 +55,7 @@ class Entry:
 
 @dataclass
 class Layout:
-    arch: gguf.MODEL_ARCH
+    model: ModelBase
     entries: list[Entry]
     dropped: list[str] = field(default_factory=list)
 
@@ -63,8 +64,8 @@ class GGUFWriter:
     name = "gguf"
 
     def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
-        guess = _GUESS_NAMES.gguf_name(re.sub(r"\.layers\.\d+\.", ".layers.0.", f"{info.name}.weight"))
-        _, why = mapping.choose(info, A.slot(guess) if guess else "", opts.nvfp4)
+        parts = _GUESS.modify_tensors(re.sub(r"\.layers\.\d+\.", ".layers.0.", f"{info.name}.weight"))
+        _, why = mapping.choose(info, slot(parts[0].name) if parts else "", _GUESS, opts.nvfp4)
         return why
 
     def check(self, reader, opts: RepackOptions) -> None:
@@ -114,9 +115,9 @@ class GGUFWriter:
         return report
 
     def _metadata(self, reader, layout: Layout, voc: vocab.Vocab) -> gguf.GGUFWriter:
-        w = gguf.GGUFWriter(None, A.arch_name(layout.arch))
+        w = gguf.GGUFWriter(None, layout.model.name)
         w.add_name(reader.ckpt.root.name)
-        A.add_hparams(w, layout.arch, reader.config, _n_vocab(layout))
+        layout.model.add_hparams(w, _n_vocab(layout))
         file_type = _file_type(layout.entries)
         if file_type is not None:
             w.add_file_type(file_type)
@@ -127,45 +128,55 @@ class GGUFWriter:
 
 def _layout(reader, opts: RepackOptions) -> Layout:
     config = reader.config
-    arch = A.arch_of(config)
-    A.check_config(arch, config)
+    model = _model(config)
     if reader.online_transforms:
         raise UnsupportedConversion(
             f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
             hint="The weights alone are not the model; llama.cpp cannot apply the transform.",
         )
-    names = A.Names(arch, int(config["num_hidden_layers"]))
-    layout = Layout(arch, [])
+    layout = Layout(model, [])
     grouped: dict[str, list[tuple[int, str, str]]] = {}  # gguf name -> [(expert, kind, source)]
+    selects = {}  # gguf name -> its row selection
 
     def place(hf_weight: str, kind: str, source: str) -> None:
-        g = names.gguf_name(hf_weight)
-        if g is None:
+        parts = model.modify_tensors(hf_weight)
+        if parts is None:
             raise UnsupportedConversion(
-                f"{source}: no llama.cpp {A.arch_name(arch)} tensor corresponds to it",
+                f"{source}: no llama.cpp {model.name} tensor corresponds to it",
                 hint="llama.cpp rejects files with unknown tensors; this checkpoint has parts the architecture lacks.",
             )
-        stacked = A.expert_of(hf_weight)
-        grouped.setdefault(g, []).append((stacked[1] if stacked else -1, kind, source))
+        for p in parts:
+            grouped.setdefault(p.name, []).append((-1 if p.expert is None else p.expert, kind, source))
+            selects[p.name] = p.select
 
     for name in reader.modules:
         place(f"{name}.weight", "module", name)
     for t in reader.passthrough():
-        if reader.is_quantization_param(t) or A.is_dropped(t):
+        if reader.is_quantization_param(t) or model.is_dropped(t):
             layout.dropped.append(t)
             continue
         place(t, "tensor", t)
-    n_experts = A.expert_count(config)
+    n_experts = model.expert_count()
     for g, items in grouped.items():
-        layout.entries.append(_entry(reader, arch, config, g, sorted(items), n_experts, opts))
-    freqs = A.rope_freqs(config)
-    if freqs is not None:
-        layout.entries.append(Entry("rope_freqs.weight", "constant", [], "F32", tuple(freqs.shape), constant=freqs))
+        layout.entries.append(_entry(reader, model, g, sorted(items), selects[g], n_experts, opts))
+    for name, value in model.extra_tensors():
+        layout.entries.append(Entry(name, "constant", [], "F32", tuple(value.shape), constant=value))
     layout.entries.sort(key=lambda e: e.order)
     return layout
 
 
-def _entry(reader, arch, config, g: str, items, n_experts, opts: RepackOptions) -> Entry:
+def _model(config: dict) -> ModelBase:
+    cls = architectures.lookup(config)
+    if cls is None:
+        name = architectures.hf_architecture(config)
+        raise UnsupportedConversion(
+            f"architecture {name or '(none in config.json)'} is not supported by --target gguf",
+            hint=f"Supported: {', '.join(sorted(architectures.ARCHITECTURES))}.",
+        )
+    return cls.from_config(config)
+
+
+def _entry(reader, model: ModelBase, g: str, items, select, n_experts, opts: RepackOptions) -> Entry:
     experts = [e for e, _, _ in items]
     kinds = {k for _, k, _ in items}
     sources = [s for _, _, s in items]
@@ -179,24 +190,38 @@ def _entry(reader, arch, config, g: str, items, n_experts, opts: RepackOptions) 
             raise UnsupportedConversion(f"{g}: some experts are quantized and others are not; they must share one ggml type")
     kind = kinds.pop()
     order = min(_order_key(reader, s, kind) for s in sources)
-    heads = A.permute_heads(arch, g, config)
-    slot = A.slot(g)
+    s = slot(g)
     if kind == "tensor":
         meta = reader.store.meta(sources[0])
         dtype = meta.torch_dtype
         if dtype not in mapping.DENSE_TYPES:
             raise UnsupportedConversion(f"{sources[0]}: a {dtype} tensor has no place in a GGUF")
         one_d = len(meta.shape) <= 1
-        ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in slot or slot in A.F32_SLOTS else mapping.dense_type(dtype)
-        shape = tuple(meta.shape) if len(sources) == 1 else (len(sources), *meta.shape)
-        return Entry(g, kind, sources, ggml, shape, heads=heads, order=order)
+        ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in s or s in model.f32_slots else mapping.dense_type(dtype)
+        shape = _selected(tuple(meta.shape), select)
+        shape = shape if len(sources) == 1 else (len(sources), *shape)
+        return Entry(g, kind, sources, ggml, shape, select=select, order=order)
     infos = [reader.modules[s] for s in sources]
-    choices = {mapping.choose(i, slot, opts.nvfp4) for i in infos}
+    choices = {mapping.choose(i, s, model, opts.nvfp4) for i in infos}
     ggml, reason = choices.pop() if len(choices) == 1 else (None, "the experts of this layer map to different types")
     if reason is not None:
-        ggml = "F32" if slot in A.F32_SLOTS else mapping.dense_type(infos[0].dtype)
-    shape = tuple(infos[0].shape) if len(infos) == 1 else (len(infos), *infos[0].shape)
-    return Entry(g, "module", sources, ggml, shape, reason=reason, heads=heads, order=order)
+        ggml = "F32" if s in model.f32_slots else mapping.dense_type(infos[0].dtype)
+    shape = _selected(tuple(infos[0].shape), select)
+    shape = shape if len(infos) == 1 else (len(infos), *shape)
+    return Entry(g, "module", sources, ggml, shape, reason=reason, select=select, order=order)
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    """The row count of a source tensor (its only dimension for 1-D ones)."""
+    return shape[-2] if len(shape) > 1 else shape[0]
+
+
+def _selected(shape: tuple[int, ...], select) -> tuple[int, ...]:
+    """A source shape with its rows narrowed to `select` (a split part)."""
+    if select is None:
+        return shape
+    n = len(select(_rows(shape)))
+    return (*shape[:-2], n, shape[-1]) if len(shape) > 1 else (n,)
 
 
 def _order_key(reader, source: str, kind: str) -> tuple:
@@ -218,7 +243,7 @@ def _scan_scales(reader, layout: Layout) -> None:
             why = mapping.data_reason(qw, e.ggml)
             if why is not None:
                 e.reason = f"{s}: {why}" if len(e.parts) > 1 else why
-                e.ggml = "F32" if A.slot(e.name) in A.F32_SLOTS else mapping.dense_type(qw.dtype)
+                e.ggml = "F32" if slot(e.name) in layout.model.f32_slots else mapping.dense_type(qw.dtype)
                 break
             if e.ggml == "NVFP4":
                 multipliers.append(mapping.nvfp4_multiplier(qw))
@@ -292,15 +317,14 @@ def _chunk(reader, e: Entry, part: str | None) -> tuple[torch.Tensor, int]:
     """One part of a GGUF tensor (a module, a carried tensor or one expert) and its source bytes."""
     if e.kind == "constant":
         return e.constant.to(torch.float32), 0
-    rows = None
-    if e.heads is not None:
-        rows = A.rope_rows(e.shape[-2] if len(e.shape) > 1 else e.shape[0], e.heads)
     if e.kind == "tensor":
         t = reader.get(part).to(mapping.TORCH_OF[e.ggml])
+        rows = e.select(_rows(tuple(t.shape))) if e.select else None
         if rows is not None:
             t = t.index_select(-2 if t.dim() > 1 else 0, rows)
         return t, reader.store.meta(part).nbytes
     qw = reader.read(part)
+    rows = e.select(_rows(qw.shape)) if e.select else None
     return mapping.encode(qw, e.ggml, rows), sum(reader.store.meta(t).nbytes for t in qw.info.tensors.values())
 
 

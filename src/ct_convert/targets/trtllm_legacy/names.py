@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ct_convert import architectures
 from ct_convert.errors import UnsupportedConversion
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# the architectures whose class says TensorRT-LLM's legacy checkpoint holds them (Llama-family names)
+ARCHITECTURES = tuple(n for n, cls in architectures.ARCHITECTURES.items() if cls.trtllm_legacy is not None)
 
 COLUMN, ROW = "column", "row"
 
@@ -166,8 +168,7 @@ def trtllm_config(config: dict, geo: Geometry, dtype: str, tp: int, quantization
         "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1},
         "quantization": quantization,
     }
-    if arch == "Qwen2ForCausalLM":
-        out["qwen_type"] = "qwen2"
+    out.update(architectures.ARCHITECTURES[arch].trtllm_legacy)
     if c.get("sliding_window") is not None:
         out["sliding_window"] = c["sliding_window"]
     return out
