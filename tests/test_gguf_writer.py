@@ -270,9 +270,21 @@ def test_scale_not_fp16_exact_falls_back():
     assert "fp16" in mapping.data_reason(big, "Q4_0")
 
 
-def test_inspect_lists_the_gguf_target(cli):
+def test_inspect_lists_the_gguf_target(cli, tmp_path):
     r = cli("inspect", FIXTURES / "fp8-dynamic", "--json")
     mods = r.json()["modules"]
     assert all(m["targets"]["gguf"] is False and "FP8" in m["reasons"]["gguf"] for m in mods)
+    # Q5_0 from bf16 scales: only the scales themselves say whether fp16 holds them
     r = cli("inspect", FIXTURES / "w4a16-asym-g128", "--json")
-    assert all(m["targets"]["gguf"] is True for m in r.json()["modules"])
+    mods = r.json()["modules"]
+    assert mods and all(m["targets"]["gguf"] == "decided at repack" and "fp16" in m["at_repack"]["gguf"] for m in mods)
+    assert all(m["targets"]["gguf"] is True for m in cli("inspect", FIXTURES / "mxfp4a16", "--json").json()["modules"])
+    # what repack refuses for the whole checkpoint, inspect shows for every module
+    src = tmp_path / "gemma"
+    shutil.copytree(FIXTURES / "w4a16-g128", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["Gemma2ForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    for source, words in ((src, "Gemma2ForCausalLM"), (FIXTURES / "moe-w4a16", "norm_topk_prob")):
+        mods = cli("inspect", source, "--json").json()["modules"]
+        assert mods and all(m["targets"]["gguf"] is False and words in m["reasons"]["gguf"] for m in mods)

@@ -167,7 +167,8 @@ def flip_outputs(tmp_path_factory):
             fixture, _ = _FLIP_CASES[target]
             out = tmp_path_factory.mktemp(f"flip-{target}")
             reader = open_checkpoint(resolve(str(FIXTURES / fixture), None))
-            writer_for(target).write(reader, out, RepackOptions(target=target, device="cpu", workers=1), lambda n: None)
+            writer, opts = writer_for(target), RepackOptions(target=target, device="cpu", workers=1)
+            writer.write(writer.plan(reader, opts), reader, out, opts, lambda n: None)
             cache[target] = (reader, out)
         return cache[target]
 

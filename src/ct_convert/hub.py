@@ -8,7 +8,9 @@ ever imported or executed: only JSON and safetensors are read.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ct_convert.errors import InputError
@@ -25,16 +27,31 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
+@dataclass
+class Snapshot:
+    """A repo's files on disk (cached or just downloaded)."""
+
+    folder: Path
+    boundary: Path  # where its symlinks may point: the repo's cache folder
+    revision: str | None  # the commit the snapshot holds
+
+
+@dataclass
+class RemoteHeaders:
+    """A repo not downloaded: its config.json and its tensors' headers."""
+
+    store: "RemoteStore"
+    config: dict
+
+
+def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool) -> Snapshot | RemoteHeaders:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    from ct_convert.source import _local
 
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=True, ignore_patterns=IGNORE)
         if any(Path(folder).glob("*.safetensors")):
-            return _with_revision(_local(repo_id, Path(folder), _cache_repo(folder)), revision, folder)
+            return _snapshot(folder, revision)
     except LocalEntryNotFoundError:
         pass
     if _offline():
@@ -54,19 +71,15 @@ def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
     except (HfHubHTTPError, OSError) as e:
         raise InputError(f"{repo_id}: cannot reach the Hugging Face Hub: {e}",
                          hint="Check the network, or set HF_HUB_OFFLINE=1 to use the cache only.") from None
-    return _with_revision(_local(repo_id, Path(folder), _cache_repo(folder)), revision, folder)
+    return _snapshot(folder, revision)
 
 
-def _cache_repo(snapshot: str) -> Path:
-    """snapshots/<sha>/ files are symlinks into the repo's blobs/: trust that repo folder, no further."""
-    p = Path(snapshot)
-    return p.parent.parent if p.parent.name == "snapshots" else p
-
-
-def _with_revision(ckpt, revision: str | None, folder: str):
+def _snapshot(folder: str, revision: str | None) -> Snapshot:
+    p = Path(folder)
+    # snapshots/<sha>/ files are symlinks into the repo's blobs/: trust that repo folder, no further
+    boundary = p.parent.parent if p.parent.name == "snapshots" else p
     # a snapshot folder is named by its commit hash: record it, whatever ref the user gave
-    ckpt.revision = Path(folder).name or revision
-    return ckpt
+    return Snapshot(p, boundary, p.name or revision)
 
 
 class RemoteStore(HeaderIndex):
@@ -111,17 +124,12 @@ class RemoteStore(HeaderIndex):
         pass
 
 
-def _remote_headers(repo_id: str, revision: str | None):
-    import json
-
+def _remote_headers(repo_id: str, revision: str | None) -> RemoteHeaders:
     from huggingface_hub import hf_hub_download
-
-    from ct_convert.source import Checkpoint
 
     config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{repo_id}/config.json: invalid JSON: {e}") from None
-    store = RemoteStore(repo_id, revision)
-    return Checkpoint(repo_id, store.root, config, None, store, None, revision=revision, weight_files=[])
+    return RemoteHeaders(RemoteStore(repo_id, revision), config)

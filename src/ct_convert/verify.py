@@ -49,7 +49,7 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
     results = []
     for result in ordered_map(module, reader.modules, workers, cost=lambda m: per_weight * math.prod(reader.modules[m].shape)):
         results.append(result)
-        progress(sum(reader.store.meta(t).nbytes for t in reader.modules[result.module].tensors.values()))
+        progress(reader.source_bytes(result.module))
     for t in reader.passthrough():
         if reader.is_quantization_param(t):
             continue

@@ -1,6 +1,7 @@
 """The shared machinery of targets that write a Hugging Face folder of safetensors shards
-(dense, awq, gptq, marlin): a target module only says, per quantized module, which tensors it
-emits (`specs`) and how to compute them (`convert`), plus its `quantization_config`.
+(dense, awq, gptq, marlin): a target module only says, per quantized module, whether it can hold it
+(`refusal`), which tensors it emits (`specs`) and how to compute them (`convert`), plus its
+`quantization_config`.
 
 Work is streamed: shards are planned from header facts, then modules are converted by a bounded
 pool of threads (torch releases the GIL in its kernels) and written in order, so memory holds only
@@ -10,7 +11,6 @@ the modules in flight.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,32 +18,26 @@ import torch
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
+from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, REFUSED, ModulePlan, Plan, Unit, tensor_output
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
+from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
-from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport, exact_cast
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
 
 DENSE_FALLBACK = "dense"
 
 
-@dataclass
-class Item:
-    """One unit of work: a quantized module, or one tensor carried over."""
-
-    module: str | None
-    tensor: str | None
-    specs: list[TensorSpec]
-    source_bytes: int
-    fallback: bool = False
-
-
-class HFWriter:
+class HFWriter(TargetWriter):
     """Base class; subclasses set `name` and implement `refusal`, `specs`, `convert`, `quantization_config`."""
-
-    name = ""
 
     # -- what a target says -------------------------------------------------------------------
     def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        """Why this module cannot be written exactly (header facts only), or None."""
         raise NotImplementedError
+
+    def at_repack(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        """For `inspect`: what `convert` checks on the data of a module headers allow, or None."""
+        return None
 
     def specs(self, info: ModuleInfo, opts: RepackOptions) -> list[TensorSpec]:
         """The tensors written for a quantized module, names relative to the module."""
@@ -52,18 +46,13 @@ class HFWriter:
     def convert(self, qw: QuantizedWeight, opts: RepackOptions) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict | None:
+    def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict | None:
         raise NotImplementedError
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        if reader.online_transforms:
-            raise UnsupportedConversion(
-                f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
-                hint="The weights alone are not the model; ct-convert cannot port online transforms yet.",
-            )
-        self.plan(reader, opts)  # module refusals, from headers alone, before OUTPUT is created
+    def check_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        """Refuse what only the whole plan shows (a subclass's checks across modules)."""
 
-    def carries(self, reader, name: str) -> bool:
+    def carries(self, reader: SourceReader, name: str) -> bool:
         """Whether a tensor outside the quantized modules is written (activation qparams are not)."""
         return not reader.is_quantization_param(name)
 
@@ -73,96 +62,98 @@ class HFWriter:
         return dtype
 
     # -- the shared pipeline ------------------------------------------------------------------
-    def plan(self, reader, opts: RepackOptions) -> tuple[list[Item], WriteReport]:
-        report = WriteReport()
+    def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        refuse_online_transforms(reader, "The weights alone are not the model; ct-convert cannot port online transforms yet.")
         refused = []
-        items_at: dict[str, Item] = {}
+        units_at: dict[str, Unit] = {}  # keyed by the first tensor read, to sort in source order
         for name, info in reader.modules.items():
             why = self.refusal(info, opts)
             if why and opts.keep_unsupported != DENSE_FALLBACK:
+                plan.modules[name] = ModulePlan(REFUSED, why)
                 refused.append((name, why))
                 continue
-            fallback = why is not None
-            specs = (
-                [TensorSpec("weight", opts.dtype or info.dtype, info.shape)] if fallback else self.specs(info, opts)
-            )
+            if why:
+                outputs = [tensor_output(f"{name}.weight", opts.dtype or info.dtype, info.shape)]
+                plan.modules[name] = ModulePlan(FALLBACK, why)
+                plan.fallbacks.append({"module": name, "written_as": "dense", "reason": why})
+            else:
+                outputs = [tensor_output(f"{name}.{s.name}", s.dtype, s.shape) for s in self.specs(info, opts)]
+                plan.modules[name] = ModulePlan(CONVERTED, at_repack=self.at_repack(info, opts) if plan.inspecting else None)
             first = min(info.tensors.values(), key=lambda n: _order_key(reader, n))
-            src_bytes = sum(reader.store.meta(t).nbytes for t in info.tensors.values())
-            items_at[first] = Item(name, None, [TensorSpec(f"{name}.{s.name}", s.dtype, s.shape) for s in specs], src_bytes, fallback)
-            if fallback:
-                report.fallbacks.append({"module": name, "written_as": "dense", "reason": why})
+            units_at[first] = Unit((name,), outputs, DEQUANTIZE if why else ENCODE, why, reader.source_bytes(name))
         if refused:
             name, why = refused[0]
             more = f" (and {len(refused) - 1} more modules)" if len(refused) > 1 else ""
-            raise UnsupportedConversion(
+            plan.refuse_modules(UnsupportedConversion(
                 f"{name}: cannot be written as {self.name}: {why}{more}",
                 hint="Pass --keep-unsupported dense to write such modules dequantized, or choose another --target.",
-            )
+            ))  # fmt: skip
         for t in reader.passthrough():
             if not self.carries(reader, t):
-                report.dropped.append(t)
+                plan.dropped.append(t)
                 continue
-            m = reader.store.meta(t)
-            items_at[t] = Item(None, t, [TensorSpec(t, self.passthrough_dtype(m.torch_dtype, opts), m.shape)], m.nbytes)
-        items = [items_at[k] for k in sorted(items_at, key=lambda n: _order_key(reader, n))]
-        return items, report
+            m = reader.tensor_meta(t)
+            units_at[t] = Unit((t,), [tensor_output(t, self.passthrough_dtype(m.torch_dtype, opts), m.shape)], CARRY, source_bytes=m.nbytes)
+        plan.units = [units_at[k] for k in sorted(units_at, key=lambda n: _order_key(reader, n))]
+        self.check_plan(plan, reader, opts)
+        shards = _split(plan.units, opts.max_shard_size)
+        for fname, shard in zip(shard_names(len(shards)), shards):
+            for o in (o for u in shard for o in u.outputs):
+                o.file = fname
+        plan.detail = list(zip(shard_names(len(shards)), shards))
 
-    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
-        items, report = self.plan(reader, opts)
-        shards = _split(items, opts.max_shard_size)
-        names = shard_names(len(shards))
+    def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
+        files: Files = {}
         weight_map: dict[str, str] = {}
         total = 0
-        results = self._produce(reader, items, opts)
-        for fname, shard in zip(names, shards):
-            specs = [s for it in shard for s in it.specs]
-            fw = SafetensorsFileWriter(out / fname, specs)
+        results = self._produce(reader, plan.units, opts)
+        for fname, shard in plan.detail:
+            fw = SafetensorsFileWriter(out / fname, [TensorSpec(o.name, o.torch_dtype, o.shape) for u in shard for o in u.outputs])
             try:
-                for it in shard:
+                for unit in shard:
                     tensors = next(results)
-                    for spec in it.specs:
-                        fw.add(spec.name, tensors[spec.name])
-                        weight_map[spec.name] = fname
-                        total += spec.nbytes
-                    if it.module is not None:
-                        report.modules[it.module] = {"status": "dense" if it.fallback else "converted"}
-                    progress(it.source_bytes)
+                    for o in unit.outputs:
+                        fw.add(o.name, tensors[o.name])
+                        weight_map[o.name] = fname
+                        total += o.nbytes
+                    progress(unit.source_bytes)
                 sha = fw.close()
             except BaseException:
                 fw.abort()
                 raise
-            report.files[fname] = {"sha256": sha, "size": fw.size}
-        if len(names) > 1:
+            files[fname] = {"sha256": sha, "size": fw.size}
+        if len(plan.detail) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            self._json(out, "model.safetensors.index.json", index, report)
-        self._config(reader, out, opts, report)
-        for rel in reader.ckpt.other_files():
-            sha, size = copy_with_hash(reader.ckpt.root / rel, out / rel)
-            report.files[str(rel)] = {"sha256": sha, "size": size}
-        return report
+            self._json(out, "model.safetensors.index.json", index, files)
+        self._config(plan, reader, out, opts, files)
+        for rel in reader.other_files():
+            sha, size = copy_with_hash(reader.root / rel, out / rel)
+            files[str(rel)] = {"sha256": sha, "size": size}
+        return files
 
-    def _produce(self, reader, items: list[Item], opts: RepackOptions):
-        """Yield each item's tensors in order, computing up to `workers` items ahead."""
+    def _produce(self, reader: SourceReader, units: list[Unit], opts: RepackOptions):
+        """Yield each unit's tensors in order, computing up to `workers` units ahead."""
         workers = max(1, opts.workers)
 
-        def run(it: Item) -> dict[str, torch.Tensor]:
-            if it.module is None:
-                t = reader.get(it.tensor)
-                return {it.tensor: exact_cast(t, it.specs[0].dtype, f"tensor {it.tensor}")}
-            qw = reader.read(it.module)
+        def run(unit: Unit) -> dict[str, torch.Tensor]:
+            (source,) = unit.sources
+            if unit.how == CARRY:
+                (o,) = unit.outputs
+                return {o.name: exact_cast(reader.get(source), o.torch_dtype, f"tensor {source}")}
+            qw = reader.read(source)
             if opts.device != "cpu":
                 qw = qw.to(opts.device)
-            if it.fallback:
-                produced = {"weight": qw.dequantize(it.specs[0].dtype)}
+            if unit.how == DEQUANTIZE:
+                produced = {"weight": qw.dequantize(unit.outputs[0].torch_dtype)}
             else:
                 produced = self.convert(qw, opts)
-            return {f"{it.module}.{k}": v for k, v in produced.items()}
+            return {f"{source}.{k}": v for k, v in produced.items()}
 
-        return ordered_map(run, items, workers, cost=lambda it: it.source_bytes + sum(s.nbytes for s in it.specs))
+        return ordered_map(run, units, workers, cost=lambda u: u.source_bytes + sum(o.nbytes for o in u.outputs))
 
-    def _config(self, reader, out: Path, opts: RepackOptions, report: WriteReport) -> None:
+    def _config(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, files: Files) -> None:
         config = json.loads(json.dumps(reader.config))
-        qc = self.quantization_config(reader, report, opts)
+        qc = self.quantization_config(plan, reader, opts)
         # drop every place the compressed-tensors config can live, then write the target's own
         config.pop("compression_config", None)
         if isinstance(config.get("text_config"), dict):
@@ -172,29 +163,28 @@ class HFWriter:
             config["quantization_config"] = qc
         if opts.dtype is not None:
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(opts.dtype).removeprefix("torch.")
-        self._json(out, "config.json", config, report)
+        self._json(out, "config.json", config, files)
 
     @staticmethod
-    def _json(out: Path, name: str, data: dict, report: WriteReport) -> None:
+    def _json(out: Path, name: str, data: dict, files: Files) -> None:
         raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
         sha, size = write_bytes_with_hash(out / name, raw)
-        report.files[name] = {"sha256": sha, "size": size}
+        files[name] = {"sha256": sha, "size": size}
 
 
-def _order_key(reader, name: str):
+def _order_key(reader: SourceReader, name: str) -> tuple:
     """Source order: shard file, then byte offset, so reads sweep each file once, front to back."""
-    m = reader.store.meta(name)
-    return (str(m.file), m.offsets[0], name)
+    return (*reader.order_key(name), name)
 
 
-def _split(items: list[Item], max_bytes: int) -> list[list[Item]]:
-    shards: list[list[Item]] = [[]]
+def _split(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
+    shards: list[list[Unit]] = [[]]
     size = 0
-    for it in items:
-        n = sum(s.nbytes for s in it.specs)
+    for u in units:
+        n = sum(o.nbytes for o in u.outputs)
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(it)
+        shards[-1].append(u)
         size += n
     return shards

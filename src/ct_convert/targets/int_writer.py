@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 
 from ct_convert.errors import UnsupportedConversion
+from ct_convert.plan import Plan
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
-from ct_convert.targets.writer_base import RepackOptions, WriteReport, exact_cast
+from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.targets.hf_writer import HFWriter
+from ct_convert.targets.writer_base import RepackOptions, exact_cast
 
 
 class IntWeightWriter(HFWriter):
@@ -36,14 +38,23 @@ class IntWeightWriter(HFWriter):
     def layout_refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
         raise NotImplementedError
 
+    def at_repack(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        checks = [self.data_check(info, opts)]
+        if info.dtype != torch.float16:
+            checks.insert(0, f"{self.label} stores fp16 scales: every {str(info.dtype).removeprefix('torch.')} scale must be exact in fp16")
+        return "; ".join(c for c in checks if c) or None
+
+    def data_check(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        """What `convert` refuses on the data of this module beyond fp16 scales, or None."""
+        return None
+
     def group_size(self, info: ModuleInfo) -> int:
         """The config's group_size this module needs (-1: one group spanning K)."""
         s = info.scheme
         return s.group_size if s.strategy == "group" else -1
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        super().check(reader, opts)
-        kept = [i for i in reader.modules.values() if self.refusal(i, opts) is None]
+    def check_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        kept = [reader.modules[m] for m in plan.converted()]
         for what, key in (("bit widths", lambda i: i.scheme.num_bits), ("group sizes", self.group_size)):
             seen = {}
             for info in kept:
@@ -55,16 +66,16 @@ class IntWeightWriter(HFWriter):
                     hint="Convert to --target dense, or keep the checkpoint in compressed-tensors.",
                 )
 
-    def unconverted(self, reader, report: WriteReport) -> list[str]:
+    def unconverted(self, plan: Plan, reader: SourceReader) -> list[str]:
         """Modules not held quantized: left unquantized by the source, plus dense fallbacks."""
-        return sorted(set(reader.unquantized) | {f["module"] for f in report.fallbacks})
+        return sorted(set(reader.unquantized) | {f["module"] for f in plan.fallbacks})
 
-    def config_group_size(self, reader, opts: RepackOptions) -> int:
-        sizes = {self.group_size(i) for i in reader.modules.values() if self.refusal(i, opts) is None}
+    def config_group_size(self, plan: Plan, reader: SourceReader) -> int:
+        sizes = {self.group_size(reader.modules[m]) for m in plan.converted()}
         return sizes.pop() if sizes else -1
 
-    def config_bits(self, reader, opts: RepackOptions) -> int:
-        bits = {i.scheme.num_bits for i in reader.modules.values() if self.refusal(i, opts) is None}
+    def config_bits(self, plan: Plan, reader: SourceReader) -> int:
+        bits = {reader.modules[m].scheme.num_bits for m in plan.converted()}
         return bits.pop() if bits else self.bits[0]
 
 

@@ -1,16 +1,17 @@
-"""The writer protocol and the options every target shares."""
+"""What every target's writer shares: the options, the writer base class, exact casts."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-from ct_convert.errors import UnsupportedConversion
-from ct_convert.qweight import ModuleInfo
+from ct_convert.errors import CTConvertError, UnsupportedConversion
+from ct_convert.plan import Plan
+from ct_convert.readers.checkpoint import SourceReader
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -47,31 +48,42 @@ class RepackOptions:
         }
 
 
-@dataclass
-class WriteReport:
-    """What a writer produced; the pipeline turns it into the manifest."""
-
-    files: dict[str, dict] = field(default_factory=dict)  # relative path -> {"sha256", "size"}
-    modules: dict[str, dict] = field(default_factory=dict)  # source module -> {"status", ...}
-    dropped: list[str] = field(default_factory=list)  # source tensors not carried, with reason below
-    fallbacks: list[dict] = field(default_factory=list)  # modules written in another type than asked
-    notes: list[str] = field(default_factory=list)
-
-
 Progress = Callable[[int], None]  # advance by a number of source bytes
+Files = dict[str, dict]  # relative path -> {"sha256", "size"}
 
 
-class Writer(Protocol):
-    name: str
+class TargetWriter:
+    """Base of every target's `writer.Writer`: `fill_plan` decides everything from the source before
+    any output exists (refusing what the target cannot hold), `write` carries the plan out."""
 
-    def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
-        """Why this module cannot be written exactly (header facts only), or None."""
+    name = ""
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        """Refuse a whole checkpoint the target cannot hold (architecture, options); raise UnsupportedConversion."""
+    def plan(self, reader: SourceReader, opts: RepackOptions, *, inspecting: bool = False) -> Plan:
+        """The plan, or the first refusal raised. `inspecting`: from header facts only, refusals
+        recorded in the plan (per module, or `blocked` for the whole checkpoint), never raised."""
+        plan = Plan(self.name, inspecting)
+        if not inspecting:
+            self.fill_plan(plan, reader, opts)
+            return plan
+        try:
+            self.fill_plan(plan, reader, opts)
+        except CTConvertError as e:
+            plan.blocked = str(e)
+        return plan
 
-    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
-        """Write the complete output into `out` (an empty temporary folder)."""
+    def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        raise NotImplementedError
+
+    def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
+        """Write the complete output into `out` (an empty temporary folder); the files written."""
+        raise NotImplementedError
+
+
+def refuse_online_transforms(reader: SourceReader, hint: str) -> None:
+    if reader.online_transforms:
+        raise UnsupportedConversion(
+            f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint", hint=hint
+        )
 
 
 def exact_cast(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -12,7 +12,9 @@ from ct_convert import bitpack
 from ct_convert.marlin_layout import INTERLEAVE
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.plan import CONVERTED, Plan
+from ct_convert.readers.checkpoint import SourceReader
+from ct_convert.targets.writer_base import RepackOptions
 from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes, unsigned_zeros
 
 AWQ_ORDER = INTERLEAVE[4]  # nibble i of a word holds column 8c + AWQ_ORDER[i]
@@ -77,12 +79,15 @@ class AWQWriter(IntWeightWriter):
             return f"N={n} is not a multiple of 8"
         return None
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        super().check(reader, opts)
+    def data_check(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        return "its g_idx must be k // group_size (AWQ has no act-order)" if info.has_g_idx else None
+
+    def check_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        super().check_plan(plan, reader, opts)
         # loaders skip a module when any listed name is a substring of its name
         skipped = set(reader.unquantized)
         if opts.keep_unsupported:
-            skipped |= {m for m, i in reader.modules.items() if self.refusal(i, opts)}
+            skipped |= {m for m, p in plan.modules.items() if p.status != CONVERTED}
         kept = [m for m in reader.modules if m not in skipped]
         for s in sorted(skipped):
             hit = next((m for m in kept if s in m), None)
@@ -112,14 +117,14 @@ class AWQWriter(IntWeightWriter):
             "scales": fp16_scales(qw, self.label),
         }
 
-    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict:
+    def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         return {
             "quant_method": "awq",
             "version": "gemm",
             "bits": 4,
-            "group_size": self.config_group_size(reader, opts),
+            "group_size": self.config_group_size(plan, reader),
             "zero_point": True,
-            "modules_to_not_convert": self.unconverted(reader, report),
+            "modules_to_not_convert": self.unconverted(plan, reader),
         }
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.plan import Plan
+from ct_convert.readers.checkpoint import SourceReader
+from ct_convert.targets.writer_base import RepackOptions
 from ct_convert.targets.hf_writer import HFWriter
 
 
@@ -20,7 +22,7 @@ class DenseWriter(HFWriter):
     def convert(self, qw: QuantizedWeight, opts: RepackOptions) -> dict:
         return {"weight": qw.dequantize(opts.dtype or qw.dtype)}
 
-    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> None:
+    def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
         return None
 
 

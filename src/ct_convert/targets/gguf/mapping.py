@@ -62,6 +62,19 @@ def _quantized_type(info: ModuleInfo, slot: str, model, nvfp4: bool) -> tuple[st
     return None, "asymmetric int8: no ggml 8-bit type holds q - zero_point in [-255, 255]"
 
 
+def at_repack(info: ModuleInfo, ggml: str) -> str | None:
+    """For `inspect`: what the scale scan (`data_reason`) decides for a module headers map to `ggml`."""
+    checks = []
+    if ggml in ("Q4_0", "Q5_0", "Q8_0"):
+        if info.has_g_idx:
+            checks.append("its g_idx must be constant on each aligned 32-column block")
+        if info.encoding is Encoding.FP6 or info.dtype != torch.float16:
+            checks.append("every block scale must be exact in fp16 (ggml's block scale)")
+    elif ggml == "NVFP4":
+        checks.append("the global scale's fp32 reciprocal must give every bf16 weight, and no scale be negative")
+    return "; ".join(checks) + " (else written unquantized)" if checks else None
+
+
 def block_columns(qw: QuantizedWeight) -> torch.Tensor:
     """Scale column of every 32-element block (its first column's group)."""
     return qw.column_groups()[:: blocks.QK]

@@ -22,33 +22,52 @@ _HINT = "Pass --vocab-from FILE.gguf (a GGUF of the same base model) to take its
 class Vocab:
     """KV pairs to write: (key, value, value type, array element type)."""
 
-    kind: str  # "copied" | "gpt2" | "none"
     pairs: list[tuple] = field(default_factory=list)
     special: gguf.SpecialVocab | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def load(source: Path, config: dict, n_vocab: int, vocab_from: Path | None, strict: bool) -> Vocab:
-    if vocab_from is not None:
-        return _copied(Path(vocab_from), n_vocab)
+@dataclass
+class Copied:
+    """The tokenizer keys of a --vocab-from GGUF."""
+
+    path: Path
+    fields: list
+
+
+def load(source: Path, config: dict, n_vocab: int, copied: Copied | None, strict: bool) -> Vocab:
+    if copied is not None:
+        return _copied(copied, n_vocab)
     if (source / "tokenizer.json").is_file():
         return _bpe(source, config, n_vocab, strict)
+    _refuse_other_tokenizers(source)
+    return Vocab([(gguf.Keys.Tokenizer.MODEL, "none", gguf.GGUFValueType.STRING, None)],
+                 notes=["the source has no tokenizer files: the GGUF has no vocabulary (tokenizer model 'none'); "
+                        "llama.cpp can run it on token ids only. Use --vocab-from FILE.gguf to add one"])  # fmt: skip
+
+
+def survey(source: Path, vocab_from: Path | None) -> str | None:
+    """For `inspect`: what only `load` can decide about the vocabulary, or None; refuses what the
+    tokenizer files present already rule out."""
+    if vocab_from is not None:
+        return "the vocabulary of --vocab-from"
+    if (source / "tokenizer.json").is_file():
+        return "the conversion of tokenizer.json (byte-level BPE only)"
+    _refuse_other_tokenizers(source)
+    return None
+
+
+def _refuse_other_tokenizers(source: Path) -> None:
     present = [f for f in TOKENIZER_FILES if (source / f).is_file()]
     if present:
         raise UnsupportedConversion(
             f"{source / present[0]}: only a byte-level BPE tokenizer.json can be converted to GGUF here", hint=_HINT
         )
-    return Vocab("none", [(gguf.Keys.Tokenizer.MODEL, "none", gguf.GGUFValueType.STRING, None)],
-                 notes=["the source has no tokenizer files: the GGUF has no vocabulary (tokenizer model 'none'); "
-                        "llama.cpp can run it on token ids only. Use --vocab-from FILE.gguf to add one"])  # fmt: skip
 
 
-def check_vocab_from(path: Path) -> None:
-    """Refuse an unreadable --vocab-from before any output exists."""
-    _read_tokenizer_fields(Path(path))
-
-
-def _read_tokenizer_fields(path: Path) -> list:
+def read_vocab_from(path: Path) -> Copied:
+    """The tokenizer keys of a --vocab-from GGUF, refusing an unreadable one."""
+    path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError) as e:
@@ -56,13 +75,14 @@ def _read_tokenizer_fields(path: Path) -> list:
     fields = [f for name, f in reader.fields.items() if name.startswith("tokenizer.")]
     if not any(f.name == gguf.Keys.Tokenizer.MODEL for f in fields):
         raise InputError(f"{path}: has no tokenizer.ggml.model key: no vocabulary to copy")
-    return fields
+    return Copied(path, fields)
 
 
-def _copied(path: Path, n_vocab: int) -> Vocab:
+def _copied(copied: Copied, n_vocab: int) -> Vocab:
+    path = copied.path
     pairs = []
     n_tokens = None
-    for f in _read_tokenizer_fields(path):
+    for f in copied.fields:
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
         value = f.contents()
@@ -74,7 +94,7 @@ def _copied(path: Path, n_vocab: int) -> Vocab:
             f"{path}: its vocabulary has {n_tokens} tokens but the model's embedding has {n_vocab} rows",
             hint="Take the vocabulary from a GGUF of the same base model.",
         )
-    return Vocab("copied", pairs, notes=[f"vocabulary, special tokens and chat template copied from {path.name}"])
+    return Vocab(pairs, notes=[f"vocabulary, special tokens and chat template copied from {path.name}"])
 
 
 def _bpe(source: Path, config: dict, n_vocab: int, strict: bool) -> Vocab:
@@ -129,7 +149,7 @@ def _bpe(source: Path, config: dict, n_vocab: int, strict: bool) -> Vocab:
         (T.LIST, tokens, V.ARRAY, V.STRING),
         (T.TOKEN_TYPE, [int(t) for t in types], V.ARRAY, V.INT32),
     ]
-    return Vocab("gpt2", pairs, special=special, notes=notes)
+    return Vocab(pairs, special=special, notes=notes)
 
 
 def add(w: gguf.GGUFWriter, vocab: Vocab) -> None:

@@ -2,16 +2,16 @@
 
 Every quantized module becomes the ggml block type that holds it exactly (mapping.py), or its
 dequantized weight in the source float type (F32 where llama.cpp requires it), listed as a fallback.
-The file is planned from headers plus a scan of the scales, then streamed tensor by tensor through
-gguf-py (tensor infos first, data in the same order), stacked MoE experts one expert at a time.
+The plan comes from headers, the architecture class (architectures/) and a scan of the scales, and
+holds the complete metadata; the file is then streamed tensor by tensor through gguf-py (tensor
+infos first, data in the same order), stacked MoE experts one expert at a time.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,17 +19,17 @@ import gguf
 import numpy as np
 import torch
 
-from ct_convert.errors import UnsupportedConversion
-from ct_convert.parallel import ordered_map
-from ct_convert.qweight import ModuleInfo
-from ct_convert.sink import HashingSink
-from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport
 from ct_convert import architectures
 from ct_convert.architectures.base import ModelBase, slot
+from ct_convert.errors import InputError, UnsupportedConversion
+from ct_convert.parallel import ordered_map
+from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
+from ct_convert.readers.checkpoint import SourceReader
+from ct_convert.sink import HashingSink
 from ct_convert.targets.gguf import blocks, mapping, vocab
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
 
 OUTPUT_STEM = "model"
-_GUESS = architectures.ARCHITECTURES["LlamaForCausalLM"](1, 1, 1)  # slot lookup for `refusal`, which has no config
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Entry:
     select: Callable[[int], torch.Tensor] | None = None  # the source rows it holds, given the source's row count
     constant: torch.Tensor | None = None
     order: tuple = ()
+    pending: str | None = None  # inspect only: what the scale scan decides
 
     @property
     def nbytes(self) -> int:
@@ -53,51 +54,62 @@ class Entry:
         return math.prod(self.shape) * mapping.TORCH_OF[self.ggml].itemsize
 
 
-@dataclass
-class Layout:
-    model: ModelBase
-    entries: list[Entry]
-    dropped: list[str] = field(default_factory=list)
-
-
-class GGUFWriter:
+class GGUFWriter(TargetWriter):
     name = "gguf"
 
-    def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
-        parts = _GUESS.modify_tensors(re.sub(r"\.layers\.\d+\.", ".layers.0.", f"{info.name}.weight"))
-        _, why = mapping.choose(info, slot(parts[0].name) if parts else "", _GUESS, opts.nvfp4)
-        return why
-
-    def check(self, reader, opts: RepackOptions) -> None:
-        layout = _layout(reader, opts)
+    def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        model, entries = _layout(plan, reader, opts)
         if opts.strict:
-            _refuse_fallbacks(layout.entries, "")
-        if opts.vocab_from is not None:
-            vocab.check_vocab_from(opts.vocab_from)
-        vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict)
-
-    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
-        layout = _layout(reader, opts)
-        _scan_scales(reader, layout)
-        if opts.strict:
-            _refuse_fallbacks(layout.entries, " (found in its scales)")
-        voc = vocab.load(reader.ckpt.root, reader.config, _n_vocab(layout), opts.vocab_from, opts.strict)
-        report = WriteReport(dropped=sorted(layout.dropped))
-        w = self._metadata(reader, layout, voc)
-        total = sum(e.nbytes for e in layout.entries)
-        if total > opts.max_shard_size:
+            _refuse_fallbacks(entries, "")
+        copied = vocab.read_vocab_from(opts.vocab_from) if opts.vocab_from is not None else None
+        n_vocab = _n_vocab(entries)
+        if plan.inspecting:
+            plan.at_repack = vocab.survey(reader.root, opts.vocab_from)
+            for e in entries:
+                if e.kind == "module" and e.reason is None:
+                    e.pending = mapping.at_repack(reader.modules[e.parts[0]], e.ggml)
+        else:
+            voc = vocab.load(reader.root, reader.config, n_vocab, copied, opts.strict)
+            entries = _scan_scales(reader, model, entries)
+            if opts.strict:
+                _refuse_fallbacks(entries, " (found in its scales)")
+        _modules(plan, entries)
+        plan.units = _units(reader, entries)
+        if plan.fallbacks:
+            kinds = sorted({f["written_as"] for f in plan.fallbacks})
+            plan.notes.append(
+                f"{len(plan.fallbacks)} quantized module(s) written unquantized ({'/'.join(kinds)}) because no GGUF type "
+                f"holds them exactly; see fallbacks (e.g. {plan.fallbacks[0]['module']}: {plan.fallbacks[0]['reason']})"
+            )
+        if plan.inspecting:
+            return
+        plan.notes.extend(voc.notes)
+        w = _metadata(reader, model, entries, voc, n_vocab)
+        if sum(e.nbytes for e in entries) > opts.max_shard_size:
             w.split_max_size = opts.max_shard_size
-        for e in layout.entries:
+        for e in entries:
             w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=gguf.GGMLQuantizationType[e.ggml])
+        files = [p.name for p in w.format_shard_names(Path(f"{OUTPUT_STEM}.gguf"))]
+        outputs = {o.name: o for o in plan.outputs()}
+        for fname, names in zip(files, w.tensors):
+            for name in names:
+                outputs[name].file = fname
+        if len(files) > 1:
+            plan.notes.append(f"split into {len(files)} parts: load the first ({OUTPUT_STEM}-00001-of-{len(files):05d}.gguf)")
+        by_name = {e.name: e for e in entries}
+        plan.detail = (w, [[by_name[n] for n in names] for names in w.tensors])
+
+    def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
+        w, shards = plan.detail
         path = out / f"{OUTPUT_STEM}.gguf"
-        files = w.format_shard_names(path)
-        by_name = {e.name: e for e in layout.entries}
-        shards = [[by_name[n] for n in names] for names in w.tensors]
-        # every part of every tensor, in file order, computed up to `workers` ahead of the writer
-        jobs = [(e, part) for entries in shards for e in entries for part in (e.parts or [None])]
-        chunks = ordered_map(lambda job: _chunk(reader, *job), jobs, opts.workers, cost=lambda job: _part_bytes(reader, *job))
+        names = w.format_shard_names(path)
+        # every source of every unit, in file order, computed up to `workers` ahead of the writer
+        jobs = [(unit, source) for unit in plan.units for source in (unit.sources if len(unit.sources) > 1 else [None])]
+        produced = ordered_map(lambda job: _produce(reader, *job), jobs, opts.workers, cost=lambda job: _job_bytes(reader, *job))
+        chunks = itertools.chain.from_iterable(produced)
+        files: Files = {}
         w.open_output_file(path)
-        sinks = w.fout = [HashingSink(f, file) for f, file in zip(w.fout, files)]  # gguf-py writes through these
+        sinks = w.fout = [HashingSink(f, file) for f, file in zip(w.fout, names)]  # gguf-py writes through these
         try:
             w.write_header_to_file(path)
             w.write_kv_data_to_file()
@@ -106,35 +118,30 @@ class GGUFWriter:
                 for e in entries:
                     w.write_tensor_data(_Stream(e.nbytes, itertools.islice(chunks, len(e.parts) or 1), progress))
                 sha, size = sink.finish()
-                report.files[sink.path.name] = {"sha256": sha, "size": size}
+                files[sink.path.name] = {"sha256": sha, "size": size}
         except BaseException:
             for sink in sinks:
                 sink.abort()
             raise
-        _report(layout, report, voc, len(files))
-        return report
-
-    def _metadata(self, reader, layout: Layout, voc: vocab.Vocab) -> gguf.GGUFWriter:
-        w = gguf.GGUFWriter(None, layout.model.name)
-        w.add_name(reader.ckpt.root.name)
-        layout.model.add_hparams(w, _n_vocab(layout))
-        file_type = _file_type(layout.entries)
-        if file_type is not None:
-            w.add_file_type(file_type)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.add(w, voc)
-        return w
+        return files
 
 
-def _layout(reader, opts: RepackOptions) -> Layout:
-    config = reader.config
-    model = _model(config)
-    if reader.online_transforms:
-        raise UnsupportedConversion(
-            f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
-            hint="The weights alone are not the model; llama.cpp cannot apply the transform.",
-        )
-    layout = Layout(model, [])
+def _metadata(reader: SourceReader, model: ModelBase, entries: list[Entry], voc: vocab.Vocab, n_vocab: int) -> gguf.GGUFWriter:
+    w = gguf.GGUFWriter(None, model.name)
+    w.add_name(reader.root.name)
+    model.add_hparams(w, n_vocab)
+    file_type = _file_type(entries)
+    if file_type is not None:
+        w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab.add(w, voc)
+    return w
+
+
+def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[ModelBase, list[Entry]]:
+    model = _model(reader.config)
+    refuse_online_transforms(reader, "The weights alone are not the model; llama.cpp cannot apply the transform.")
+    entries = []
     grouped: dict[str, list[tuple[int, str, str]]] = {}  # gguf name -> [(expert, kind, source)]
     selects = {}  # gguf name -> its row selection
 
@@ -153,16 +160,16 @@ def _layout(reader, opts: RepackOptions) -> Layout:
         place(f"{name}.weight", "module", name)
     for t in reader.passthrough():
         if reader.is_quantization_param(t) or model.is_dropped(t):
-            layout.dropped.append(t)
+            plan.dropped.append(t)
             continue
         place(t, "tensor", t)
     n_experts = model.expert_count()
     for g, items in grouped.items():
-        layout.entries.append(_entry(reader, model, g, sorted(items), selects[g], n_experts, opts))
+        entries.append(_entry(reader, model, g, sorted(items), selects[g], n_experts, opts))
     for name, value in model.extra_tensors():
-        layout.entries.append(Entry(name, "constant", [], "F32", tuple(value.shape), constant=value))
-    layout.entries.sort(key=lambda e: e.order)
-    return layout
+        entries.append(Entry(name, "constant", [], "F32", tuple(value.shape), constant=value))
+    entries.sort(key=lambda e: e.order)
+    return model, entries
 
 
 def _model(config: dict) -> ModelBase:
@@ -176,13 +183,13 @@ def _model(config: dict) -> ModelBase:
     return cls.from_config(config)
 
 
-def _entry(reader, model: ModelBase, g: str, items, select, n_experts, opts: RepackOptions) -> Entry:
+def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_experts, opts: RepackOptions) -> Entry:
     experts = [e for e, _, _ in items]
     kinds = {k for _, k, _ in items}
     sources = [s for _, _, s in items]
     if experts != [-1]:
         if -1 in experts or experts != list(range(n_experts or 0)):
-            raise UnsupportedConversion(
+            raise InputError(
                 f"{g}: experts {experts[:8]}{'…' if len(experts) > 8 else ''} found, expected 0..{(n_experts or 0) - 1} "
                 "(llama.cpp needs every expert of a layer, stacked)"
             )
@@ -192,7 +199,7 @@ def _entry(reader, model: ModelBase, g: str, items, select, n_experts, opts: Rep
     order = min(_order_key(reader, s, kind) for s in sources)
     s = slot(g)
     if kind == "tensor":
-        meta = reader.store.meta(sources[0])
+        meta = reader.tensor_meta(sources[0])
         dtype = meta.torch_dtype
         if dtype not in mapping.DENSE_TYPES:
             raise UnsupportedConversion(f"{sources[0]}: a {dtype} tensor has no place in a GGUF")
@@ -224,17 +231,16 @@ def _selected(shape: tuple[int, ...], select) -> tuple[int, ...]:
     return (*shape[:-2], n, shape[-1]) if len(shape) > 1 else (n,)
 
 
-def _order_key(reader, source: str, kind: str) -> tuple:
+def _order_key(reader: SourceReader, source: str, kind: str) -> tuple:
     """Source order (file, offset), so reads sweep each shard front to back."""
     t = source if kind == "tensor" else min(reader.modules[source].tensors.values())
-    m = reader.store.meta(t)
-    return (1, str(m.file), m.offsets[0], source)
+    return (1, *reader.order_key(t), source)
 
 
-def _scan_scales(reader, layout: Layout) -> None:
+def _scan_scales(reader: SourceReader, model: ModelBase, entries: list[Entry]) -> list[Entry]:
     """Confirm quantized types from the stored scales (no codes read); add NVFP4 `.scale` tensors."""
     extra = []
-    for e in layout.entries:
+    for e in entries:
         if e.kind != "module" or e.ggml not in mapping.QUANTIZED:
             continue
         multipliers = []
@@ -243,7 +249,7 @@ def _scan_scales(reader, layout: Layout) -> None:
             why = mapping.data_reason(qw, e.ggml)
             if why is not None:
                 e.reason = f"{s}: {why}" if len(e.parts) > 1 else why
-                e.ggml = "F32" if slot(e.name) in layout.model.f32_slots else mapping.dense_type(qw.dtype)
+                e.ggml = "F32" if slot(e.name) in model.f32_slots else mapping.dense_type(qw.dtype)
                 break
             if e.ggml == "NVFP4":
                 multipliers.append(mapping.nvfp4_multiplier(qw))
@@ -251,8 +257,45 @@ def _scan_scales(reader, layout: Layout) -> None:
             values = torch.cat(multipliers)
             base = e.name.removesuffix(".weight")
             extra.append(Entry(f"{base}.scale", "constant", [], "F32", tuple(values.shape), constant=values, order=e.order + (1,)))
-    layout.entries.extend(extra)
-    layout.entries.sort(key=lambda e: e.order)
+    return sorted(entries + extra, key=lambda e: e.order)
+
+
+def _modules(plan: Plan, entries: list[Entry]) -> None:
+    """Each source module's fate, as the manifest records it (tensor, type, expert index)."""
+    for e in entries:
+        if e.kind != "module":
+            continue
+        for i, s in enumerate(e.parts):
+            entry = {"tensor": e.name, "type": e.ggml}
+            if len(e.parts) > 1:
+                entry["expert"] = i
+            if s in plan.modules:  # a split: one module in several tensors
+                seen = plan.modules[s].manifest
+                entry["tensor"] = [*([seen["tensor"]] if isinstance(seen["tensor"], str) else seen["tensor"]), e.name]
+            plan.modules[s] = ModulePlan(FALLBACK if e.reason else CONVERTED, e.reason, e.pending, entry)
+            if e.reason:
+                plan.fallbacks.append({"module": s, "tensor": e.name, "written_as": e.ggml, "reason": e.reason})
+
+
+def _units(reader: SourceReader, entries: list[Entry]) -> list[Unit]:
+    """Entries as units of work: the parts of one tensor (experts) are one unit; consecutive tensors
+    cut from one source (a split) share one unit, so the source is decoded once."""
+    units: list[Unit] = []
+    for e in entries:
+        out = Output(e.name, e.ggml, e.shape, e.nbytes)
+        last = units[-1] if units else None
+        if last is not None and len(e.parts) == 1 and last.sources == tuple(e.parts) and last.detail[0].kind == e.kind:
+            last.outputs.append(out)
+            last.detail.append(e)
+            continue
+        if e.kind == "constant":
+            how, cost = CONSTANT, 0
+        elif e.kind == "tensor":
+            how, cost = CARRY, sum(reader.tensor_meta(s).nbytes for s in e.parts)
+        else:
+            how, cost = (DEQUANTIZE if e.reason else ENCODE), sum(reader.source_bytes(s) for s in e.parts)
+        units.append(Unit(tuple(e.parts), [out], how, e.reason, cost, [e]))
+    return units
 
 
 def _refuse_fallbacks(entries: list[Entry], where: str) -> None:
@@ -266,8 +309,8 @@ def _refuse_fallbacks(entries: list[Entry], where: str) -> None:
         )
 
 
-def _n_vocab(layout: Layout) -> int:
-    for e in layout.entries:
+def _n_vocab(entries: list[Entry]) -> int:
+    for e in entries:
         if e.name == "token_embd.weight":
             return e.shape[-2]
     raise UnsupportedConversion("the checkpoint has no token embedding (model.embed_tokens.weight)")
@@ -304,50 +347,37 @@ class _Stream:
             raise AssertionError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
 
 
-def _part_bytes(reader, e: Entry, part: str | None) -> int:
-    """Working memory of one part: its source bytes and the float32 of its weight (codes, fallbacks)."""
-    if part is None:
+def _job_bytes(reader: SourceReader, unit: Unit, source: str | None) -> int:
+    """Working memory of one job: its source bytes and the float32 of its weight (codes, fallbacks)."""
+    if unit.how == CONSTANT:
         return 0
-    if e.kind == "tensor":
-        return 2 * reader.store.meta(part).nbytes
-    return 4 * math.prod(reader.modules[part].shape)
+    sources = unit.sources if source is None else (source,)
+    if unit.how == CARRY:
+        return sum(2 * reader.tensor_meta(s).nbytes for s in sources)
+    return sum(4 * math.prod(reader.modules[s].shape) for s in sources)
 
 
-def _chunk(reader, e: Entry, part: str | None) -> tuple[torch.Tensor, int]:
-    """One part of a GGUF tensor (a module, a carried tensor or one expert) and its source bytes."""
-    if e.kind == "constant":
-        return e.constant.to(torch.float32), 0
-    if e.kind == "tensor":
-        t = reader.get(part).to(mapping.TORCH_OF[e.ggml])
-        rows = e.select(_rows(tuple(t.shape))) if e.select else None
-        if rows is not None:
-            t = t.index_select(-2 if t.dim() > 1 else 0, rows)
-        return t, reader.store.meta(part).nbytes
-    qw = reader.read(part)
-    rows = e.select(_rows(qw.shape)) if e.select else None
-    return mapping.encode(qw, e.ggml, rows), sum(reader.store.meta(t).nbytes for t in qw.info.tensors.values())
+def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple[torch.Tensor, int]]:
+    """The chunks of one job and their source bytes: one expert of a stacked tensor (`source`), or
+    every tensor of a unit from its one source, decoded once."""
+    if unit.how == CONSTANT:
+        return [(e.constant.to(torch.float32), 0) for e in unit.detail]
+    part = source if source is not None else unit.sources[0]
+    if unit.how == CARRY:
+        t = reader.get(part)
+        picked = [_carried(t, e) for e in unit.detail]
+        cost = reader.tensor_meta(part).nbytes
+    else:
+        qw = reader.read(part)
+        picked = [mapping.encode(qw, e.ggml, e.select(_rows(qw.shape)) if e.select else None) for e in unit.detail]
+        cost = reader.source_bytes(part)
+    return [(chunk, cost if i == 0 else 0) for i, chunk in enumerate(picked)]
 
 
-def _report(layout: Layout, report: WriteReport, voc: vocab.Vocab, n_files: int) -> None:
-    for e in layout.entries:
-        if e.kind != "module":
-            continue
-        for i, s in enumerate(e.parts):
-            entry = {"status": "dense" if e.reason else "converted", "tensor": e.name, "type": e.ggml}
-            if len(e.parts) > 1:
-                entry["expert"] = i
-            report.modules[s] = entry
-            if e.reason:
-                report.fallbacks.append({"module": s, "tensor": e.name, "written_as": e.ggml, "reason": e.reason})
-    if report.fallbacks:
-        kinds = sorted({f["written_as"] for f in report.fallbacks})
-        report.notes.append(
-            f"{len(report.fallbacks)} quantized module(s) written unquantized ({'/'.join(kinds)}) because no GGUF type "
-            f"holds them exactly; see fallbacks (e.g. {report.fallbacks[0]['module']}: {report.fallbacks[0]['reason']})"
-        )
-    report.notes.extend(voc.notes)
-    if n_files > 1:
-        report.notes.append(f"split into {n_files} parts: load the first ({OUTPUT_STEM}-00001-of-{n_files:05d}.gguf)")
+def _carried(t: torch.Tensor, e: Entry) -> torch.Tensor:
+    t = t.to(mapping.TORCH_OF[e.ggml])
+    rows = e.select(_rows(tuple(t.shape))) if e.select else None
+    return t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
 
 
 Writer = GGUFWriter

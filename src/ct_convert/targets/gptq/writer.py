@@ -11,7 +11,9 @@ from ct_convert.errors import UnsupportedConversion
 from ct_convert.marlin_layout import pack_lsb
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.plan import Plan
+from ct_convert.readers.checkpoint import SourceReader
+from ct_convert.targets.writer_base import RepackOptions
 from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, unsigned_codes, unsigned_zeros
 
 
@@ -39,6 +41,11 @@ class GPTQWriter(IntWeightWriter):
             return f"K={k}: {k} {b}-bit codes do not fill whole 32-bit qweight words"
         if (n * b) % 32:
             return f"N={n}: {n} {b}-bit zero points do not fill whole 32-bit qzeros words"
+        return None
+
+    def data_check(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        if opts.gptq_format == "v1" and not info.scheme.symmetric:
+            return f"a zero point of {-(1 << (info.scheme.num_bits - 1))} (unsigned 0) cannot be stored in GPTQ v1"
         return None
 
     def specs(self, info: ModuleInfo, opts: RepackOptions) -> list[TensorSpec]:
@@ -79,12 +86,12 @@ class GPTQWriter(IntWeightWriter):
             return packed.t().contiguous()
         return pack_along_last(unsigned_codes(qw), b).t().contiguous()
 
-    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict:
-        converted = [reader.modules[m] for m, e in report.modules.items() if e["status"] == "converted"]
+    def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
+        converted = [reader.modules[m] for m in plan.converted()]
         config = {
             "quant_method": "gptq",
-            "bits": self.config_bits(reader, opts),
-            "group_size": self.config_group_size(reader, opts),
+            "bits": self.config_bits(plan, reader),
+            "group_size": self.config_group_size(plan, reader),
             "desc_act": any(i.has_g_idx for i in converted),
             "sym": all(i.scheme.symmetric for i in converted),
             "checkpoint_format": "gptq_v2" if opts.gptq_format == "v2" else "gptq",
@@ -94,7 +101,7 @@ class GPTQWriter(IntWeightWriter):
             "damp_percent": 0.01,
             "lm_head": "lm_head" in {i.name for i in converted},
         }
-        skipped = self.unconverted(reader, report)
+        skipped = self.unconverted(plan, reader)
         if skipped:
             config["dynamic"] = dynamic_exclusions(skipped)
         return config

@@ -10,7 +10,9 @@ from ct_convert import bitpack
 from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights_from_stream
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.targets.writer_base import RepackOptions, WriteReport
+from ct_convert.plan import CONVERTED, Plan
+from ct_convert.readers.checkpoint import SourceReader
+from ct_convert.targets.writer_base import RepackOptions
 from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
 
 
@@ -32,9 +34,12 @@ class MarlinWriter(IntWeightWriter):
             return f"shape N={n}, K={k}; the Marlin kernel needs K % 128 == 0 and N % 256 == 0"
         return None
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        super().check(reader, opts)
-        refused = [(m, why) for m, i in reader.modules.items() if (why := self.refusal(i, opts))]
+    def data_check(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
+        return "its g_idx must be k // group_size (the Marlin format has no act-order)" if info.has_g_idx else None
+
+    def check_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        super().check_plan(plan, reader, opts)
+        refused = [(m, p.reason) for m, p in plan.modules.items() if p.status != CONVERTED]
         if refused:
             # no per-module exclusion list exists in this format, so a dense fallback would not load either
             name, why = refused[0]
@@ -64,15 +69,15 @@ class MarlinWriter(IntWeightWriter):
             "s": marlin_permute_scales(scales, k, n, qw.effective_group_size),
         }
 
-    def quantization_config(self, reader, report: WriteReport, opts: RepackOptions) -> dict:
+    def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         # TGI reads bits, group_size, sym and desc_act beside quant_method; vLLM <= 0.10 group_size and lm_head
         return {
             "quant_method": "marlin",
-            "group_size": self.config_group_size(reader, opts),
+            "group_size": self.config_group_size(plan, reader),
             "bits": 4,
             "sym": True,
             "desc_act": False,
-            "lm_head": report.modules.get("lm_head", {}).get("status") == "converted",
+            "lm_head": "lm_head" in plan.converted(),
         }
 
 

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets.writer_base import exact_cast
 from ct_convert.targets.trtllm_legacy import plan as planning
 from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
-from ct_convert.targets.trtllm_legacy.names import ROW
+from ct_convert.targets.trtllm_legacy.facts import ROW
 from ct_convert.targets.trtllm_legacy.tp import column_shard, row_shard
 
 
-def rank_shape(plan: planning.Plan, lp: planning.LinearPlan) -> tuple[int, int]:
+def rank_shape(plan: planning.Layout, lp: planning.LinearPlan) -> tuple[int, int]:
     if lp.linear.parallel == planning.COLUMN:
         return lp.n // plan.tp, lp.cols
     return lp.n, lp.cols // plan.tp
 
 
-def linear_specs(plan: planning.Plan, lp: planning.LinearPlan, rank: int) -> list[TensorSpec]:
+def linear_specs(plan: planning.Layout, lp: planning.LinearPlan, rank: int) -> list[TensorSpec]:
     n, k = rank_shape(plan, lp)
     dt, name = plan.dtype, lp.linear.name
     bias_rows = n if lp.linear.parallel == planning.COLUMN else lp.n
@@ -43,14 +44,14 @@ def linear_specs(plan: planning.Plan, lp: planning.LinearPlan, rank: int) -> lis
     return [TensorSpec(f"{name}.{s}", d, shape) for s, d, shape in specs]
 
 
-def _shard(plan: planning.Plan, lp: planning.LinearPlan, parts: list[torch.Tensor], rank: int) -> torch.Tensor:
+def _shard(plan: planning.Layout, lp: planning.LinearPlan, parts: list[torch.Tensor], rank: int) -> torch.Tensor:
     """Parts in HF orientation ([N_p, ...]); column: split N per part; row: split the last dim."""
     if lp.linear.parallel == planning.COLUMN:
         return column_shard(parts, plan.tp, rank)
     return row_shard(parts[0], plan.tp, rank)
 
 
-def encode_linear(reader, plan: planning.Plan, lp: planning.LinearPlan) -> list[dict[str, torch.Tensor]]:
+def encode_linear(reader: SourceReader, plan: planning.Layout, lp: planning.LinearPlan) -> list[dict[str, torch.Tensor]]:
     name, dt = lp.linear.name, plan.dtype
     parts = lp.linear.parts
     biases = [exact_cast(reader.get(f"{p}.bias"), dt, f"tensor {p}.bias") for p in parts] if lp.bias else None
@@ -69,7 +70,7 @@ def encode_linear(reader, plan: planning.Plan, lp: planning.LinearPlan) -> list[
     return [{f"{name}.{k}": v.contiguous() for k, v in t.items()} for t in per_rank]
 
 
-def _quantized(reader, plan: planning.Plan, lp: planning.LinearPlan) -> list[dict[str, torch.Tensor]]:
+def _quantized(reader: SourceReader, plan: planning.Layout, lp: planning.LinearPlan) -> list[dict[str, torch.Tensor]]:
     qws = [reader.read(p) for p in lp.linear.parts]
     algo, dt = plan.algo, plan.dtype
     if algo == planning.FP8:

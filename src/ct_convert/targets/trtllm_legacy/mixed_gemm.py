@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import torch
 
-ROW_PERMUTATION = {
-    8: (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15),
-    4: (0, 1, 8, 9, 16, 17, 24, 25, 2, 3, 10, 11, 18, 19, 26, 27,
-        4, 5, 12, 13, 20, 21, 28, 29, 6, 7, 14, 15, 22, 23, 30, 31),
-}
-# inside each 32-bit register: output slot t holds input element REGISTER_ORDER[t]
-REGISTER_ORDER = {8: (0, 2, 1, 3), 4: (0, 2, 4, 6, 1, 3, 5, 7)}
-K_TILE = 64  # ThreadblockK for 16-bit activations
+from ct_convert.targets.trtllm_legacy.facts import K_TILE, REGISTER_ORDER, ROW_PERMUTATION
 
 
 def layout_arch(sm: int) -> int:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 from ct_convert import architectures
 from ct_convert.errors import UnsupportedConversion
+from ct_convert.targets.trtllm_legacy.facts import COLUMN, LINEAR_ORDER, NORM, NORMS, PROJECTION, PROJECTIONS, ROW, TOP_LEVEL
 
 # the architectures whose class says TensorRT-LLM's legacy checkpoint holds them (Llama-family names)
 ARCHITECTURES = tuple(n for n, cls in architectures.ARCHITECTURES.items() if cls.trtllm_legacy is not None)
-
-COLUMN, ROW = "column", "row"
 
 
 @dataclass(frozen=True)
@@ -28,32 +27,12 @@ class Linear:
         return len(self.parts) == 3
 
 
-# HF projection -> (TensorRT-LLM linear, parallelism). Note gate_proj -> mlp.fc, up_proj -> mlp.gate.
-PROJECTIONS = {
-    "self_attn.q_proj": ("attention.qkv", COLUMN),
-    "self_attn.k_proj": ("attention.qkv", COLUMN),
-    "self_attn.v_proj": ("attention.qkv", COLUMN),
-    "self_attn.o_proj": ("attention.dense", ROW),
-    "mlp.gate_proj": ("mlp.fc", COLUMN),
-    "mlp.up_proj": ("mlp.gate", COLUMN),
-    "mlp.down_proj": ("mlp.proj", ROW),
-}
-LINEAR_ORDER = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
-NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_layernorm"}
-TOP_LEVEL = {
-    "model.embed_tokens.weight": "transformer.vocab_embedding.weight",
-    "model.norm.weight": "transformer.ln_f.weight",
-    "lm_head.weight": "lm_head.weight",
-}
 # tensors with no TensorRT-LLM counterpart that carry nothing the engine needs
 IGNORABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
-_PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
-_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
-
 
 def parse_projection(module: str) -> tuple[int, str] | None:
-    m = _PROJ.match(module)
+    m = PROJECTION.match(module)
     return (int(m.group(1)), m.group(2)) if m else None
 
 
@@ -78,7 +57,7 @@ def layer_linears(layer: int) -> list[Linear]:
 
 def replicated_name(source: str) -> str | None:
     """Norms and the embedding table: the same tensor on every rank (lm_head is split instead)."""
-    m = _NORM.match(source)
+    m = NORM.match(source)
     if m:
         return f"transformer.layers.{m.group(1)}.{NORMS[m.group(2)]}.weight"
     return TOP_LEVEL.get(source) if source != "lm_head.weight" else None

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ct_convert.errors import UnsupportedConversion
+from ct_convert.errors import InputError, UnsupportedConversion
+from ct_convert.plan import REFUSED, ModulePlan, Plan
 from ct_convert.qweight import Encoding, ModuleInfo
-from ct_convert.targets.writer_base import RepackOptions
-from ct_convert.targets.trtllm_legacy import mixed_gemm
+from ct_convert.readers.checkpoint import SourceReader
+from ct_convert.targets.writer_base import RepackOptions, refuse_online_transforms
+from ct_convert.targets.trtllm_legacy.facts import COLUMN, K_TILE
 from ct_convert.targets.trtllm_legacy.names import (
     ARCHITECTURES,
-    COLUMN,
     IGNORABLE,
     Geometry,
     Linear,
@@ -91,7 +92,9 @@ class LinearPlan:
 
 
 @dataclass
-class Plan:
+class Layout:
+    """The TensorRT-LLM checkpoint's own facts, behind the generic plan."""
+
     algo: str | None
     group_size: int | None
     dtype: torch.dtype
@@ -105,6 +108,7 @@ class Plan:
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    at_repack: dict[str, str] = field(default_factory=dict)  # inspect only: module -> what the data decides
 
     @property
     def exclude_modules(self) -> list[str] | None:
@@ -115,24 +119,22 @@ class Plan:
                 "*shared_expert_gate", *dense]
 
 
-def _refuse(refused: list[tuple[str, str]], hint: str) -> None:
+def _refusal(refused: list[tuple[str, str]], hint: str) -> UnsupportedConversion:
     name, why = refused[0]
     more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-    raise UnsupportedConversion(f"{name}: cannot be written as trtllm: {why}{more}", hint=hint)
+    return UnsupportedConversion(f"{name}: cannot be written as trtllm: {why}{more}", hint=hint)
 
 
-def build(reader, opts: RepackOptions) -> Plan:
+def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
+    """The checkpoint's layout; refusals go to `out` (module statuses, and raised unless inspecting),
+    with what only the data decides noted per module when inspecting."""
     arch = reader.architecture
     if arch not in ARCHITECTURES:
         raise UnsupportedConversion(
             f"architecture {arch}: the trtllm target writes only {', '.join(ARCHITECTURES)}",
             hint="Choose another --target for this model.",
         )
-    if reader.online_transforms:
-        raise UnsupportedConversion(
-            f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
-            hint="The weights alone are not the model; ct-convert cannot port online transforms yet.",
-        )
+    refuse_online_transforms(reader, "The weights alone are not the model; ct-convert cannot port online transforms yet.")
     geo = geometry(reader.config)
     tp = opts.tp_size
     _check_tp(geo, tp)
@@ -144,7 +146,7 @@ def build(reader, opts: RepackOptions) -> Plan:
     for name, info in reader.modules.items():
         why = module_refusal(info, opts)
         if why and (name != "lm_head" and linear_of(name) is None):
-            _refuse([(name, why)], "The trtllm target holds Llama-family decoder layers only; choose another --target.")
+            raise _refusal([(name, why)], "The trtllm target holds Llama-family decoder layers only; choose another --target.")
         if why:
             reasons[name] = why
         else:
@@ -157,15 +159,18 @@ def build(reader, opts: RepackOptions) -> Plan:
         )
 
     names = set(reader.passthrough())
+    pending: dict[str, str] | None = {} if out.inspecting else None
     linears = []
     refused: list[tuple[str, str]] = []
+    refused_linears: list[LinearPlan] = []
     fallbacks: list[tuple[str, str]] = []
     for layer in range(geo.layers):
         for lin in layer_linears(layer):
-            lp, bad = _plan_linear(reader, lin, geo, names, algo, group_size, reasons, tp)
+            lp, bad = _plan_linear(reader, lin, geo, names, algo, group_size, reasons, tp, pending)
             if bad:
                 if not keep:
                     refused.extend(bad)
+                    refused_linears.append(lp)
                     continue
                 fallbacks.extend(bad)
                 lp.mode = DENSE
@@ -184,17 +189,19 @@ def build(reader, opts: RepackOptions) -> Plan:
         if "model.embed_tokens.weight" not in names:
             raise UnsupportedConversion("lm_head.weight: missing, and no model.embed_tokens.weight to tie it to")
         lm_head = "tied"
+    for module, why in refused:
+        out.modules.setdefault(module, ModulePlan(REFUSED, why))
     if refused and all("--sm" in why for _, why in refused):
-        _refuse(refused, "Pass --sm with the GPU family that will run the engine (80 Ampere, 89 Ada, 90 Hopper, 100 Blackwell).")
-    if refused:
-        _refuse(refused, "Pass --keep-unsupported dense to write such modules in float (listed in exclude_modules), "
-                "or choose another --target.")
+        out.refuse_modules(_refusal(refused, "Pass --sm with the GPU family that will run the engine (80 Ampere, 89 Ada, 90 Hopper, 100 Blackwell)."))
+    elif refused:
+        out.refuse_modules(_refusal(refused, "Pass --keep-unsupported dense to write such modules in float (listed in exclude_modules), "
+                                    "or choose another --target."))
 
-    plan = Plan(algo, group_size, dtype, tp, opts.sm, geo, linears, {}, lm_head, False, fallbacks)
-    _carried(reader, plan, names)
+    layout = Layout(algo, group_size, dtype, tp, opts.sm, geo, linears, {}, lm_head, False, fallbacks, at_repack=pending or {})
+    _carried(reader, layout, names, refused_linears)
     if algo is None:
-        plan.notes.append("no module could keep its quantization: quant_algo is null (float checkpoint)")
-    return plan
+        layout.notes.append("no module could keep its quantization: quant_algo is null (float checkpoint)")
+    return layout
 
 
 def _check_tp(geo: Geometry, tp: int) -> None:
@@ -228,8 +235,9 @@ def _primary(reader, algos: dict[str, str], reasons: dict[str, str]) -> tuple[st
     return algo, group_size
 
 
-def _plan_linear(reader, lin: Linear, geo: Geometry, names: set[str], algo, group_size, reasons, tp):
-    """(LinearPlan, [(module, reason)] refusing it); the plan's mode is QUANT or FLOAT when nothing is refused."""
+def _plan_linear(reader: SourceReader, lin: Linear, geo: Geometry, names: set[str], algo, group_size, reasons, tp, pending):
+    """(LinearPlan, [(module, reason)] refusing it); the plan's mode is QUANT or FLOAT when nothing is refused.
+    `pending` (a dict when inspecting): data checks are not run but noted per module."""
     expect_rows = geo.qkv_rows() if lin.is_qkv else None
     rows, cols, kinds = [], None, []
     for part in lin.parts:
@@ -237,10 +245,10 @@ def _plan_linear(reader, lin: Linear, geo: Geometry, names: set[str], algo, grou
             shape = reader.modules[part].shape
             kinds.append(QUANT)
         elif f"{part}.weight" in names:
-            shape = reader.store.meta(f"{part}.weight").shape
+            shape = reader.tensor_meta(f"{part}.weight").shape
             kinds.append(FLOAT)
         else:
-            raise UnsupportedConversion(f"{part}: missing from the checkpoint", hint="The checkpoint is incomplete.")
+            raise InputError(f"{part}: missing from the checkpoint", hint="The checkpoint is incomplete.")
         if len(shape) != 2 or (cols is not None and shape[1] != cols):
             raise UnsupportedConversion(f"{part}: shape {list(shape)} does not fit {lin.name}")
         rows.append(shape[0])
@@ -262,7 +270,12 @@ def _plan_linear(reader, lin: Linear, geo: Geometry, names: set[str], algo, grou
     if FLOAT in kinds:
         why = f"fused into {lin.name} with a part that is float in the source"
         return lp, [(p, why) for p in quantized]
-    why = _shape_refusal(lp, algo, group_size, tp) or _fp8_scales_refusal(reader, lin, quantized, algo)
+    why = _shape_refusal(lp, algo, group_size, tp)
+    if why is None and pending is not None:
+        if algo == FP8 and len(quantized) > 1:
+            pending.update({p: f"{lin.name} fuses FP8 projections: their weight and input scales must be equal" for p in quantized})
+    elif why is None:
+        why = _fp8_scales_refusal(reader, lin, quantized, algo)
     return lp, ([(p, why) for p in quantized] if why else [])
 
 
@@ -276,12 +289,12 @@ def _shape_refusal(lp: LinearPlan, algo: str, group_size: int | None, tp: int) -
         if lp.n % unit or lp.cols % unit:
             return f"{lp.linear.name} [{lp.n}, {lp.cols}] is not a multiple of {unit} (max(64, group_size) x tp) on both sides; TensorRT-LLM would pad it"
     if algo in BITS:
-        if k_rank % mixed_gemm.K_TILE or n_rank % mixed_gemm.K_TILE:
+        if k_rank % K_TILE or n_rank % K_TILE:
             return f"{lp.linear.name}: per-rank shape [{n_rank}, {k_rank}] is not a multiple of 64 on both sides (mixed-GEMM tiles)"
     return None
 
 
-def _fp8_scales_refusal(reader, lin: Linear, parts: list[str], algo: str) -> str | None:
+def _fp8_scales_refusal(reader: SourceReader, lin: Linear, parts: list[str], algo: str) -> str | None:
     """Fused FP8 parts need one weight scale and one input scale: exact only when the parts' are equal."""
     if algo != FP8 or len(parts) == 1:
         return None
@@ -295,10 +308,11 @@ def _fp8_scales_refusal(reader, lin: Linear, parts: list[str], algo: str) -> str
     return None
 
 
-def _carried(reader, plan: Plan, names: set[str]) -> None:
-    """Every source tensor outside the quantized modules: carried, consumed by a linear, or refused."""
+def _carried(reader: SourceReader, plan: Layout, names: set[str], refused: list[LinearPlan]) -> None:
+    """Every source tensor outside the quantized modules: carried, consumed by a linear, or refused
+    (refused linears are not written, but their tensors are theirs: only inspect gets this far)."""
     consumed = set()
-    for lp in plan.linears:
+    for lp in plan.linears + refused:
         for p in lp.linear.parts:
             consumed.add(f"{p}.bias")
             if lp.mode == FLOAT:
@@ -307,7 +321,7 @@ def _carried(reader, plan: Plan, names: set[str]) -> None:
                 consumed.update(reader.module_extras(p).values())
     k_scales = [f"model.layers.{i}.self_attn.{kv}_scale" for i in range(plan.geo.layers) for kv in "kv"]
     if any(t in names for t in k_scales):
-        kv = reader.qconfig.kv_cache_scheme
+        kv = reader.kv_cache_scheme
         if kv is None or kv.type != "float" or kv.num_bits != 8 or kv.strategy != "tensor" or kv.dynamic:
             raise UnsupportedConversion(
                 "kv_cache_scheme: only a static per-tensor FP8 KV cache maps to TensorRT-LLM (kv_cache_quant_algo FP8)"

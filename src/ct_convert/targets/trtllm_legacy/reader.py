@@ -8,41 +8,33 @@ are split by the head counts in config.json, and ranks are concatenated back to 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ct_convert.errors import InputError
 from ct_convert.targets.reader_base import GroupCodes, dequantize_groups
+from ct_convert.targets.trtllm_legacy.facts import (
+    COLUMN,
+    NORM,
+    NORMS,
+    PROJECTION,
+    PROJECTIONS,
+    REGISTER_ORDER,
+    ROW_PERMUTATION,
+    SM_METADATA_KEY,
+    TOP_LEVEL,
+    fused_index,
+)
 from ct_convert.tensorstore import TensorStore, read_header
-
-SM_METADATA_KEY = "ct_convert.sm"  # safetensors __metadata__ key: the GPU layout a rank file holds
-
-_ROWS = {
-    8: [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15],
-    4: [0, 1, 8, 9, 16, 17, 24, 25, 2, 3, 10, 11, 18, 19, 26, 27, 4, 5, 12, 13, 20, 21, 28, 29, 6, 7, 14, 15, 22, 23, 30, 31],
-}
-_REGISTER = {8: [0, 2, 1, 3], 4: [0, 2, 4, 6, 1, 3, 5, 7]}
-_LINEARS = {
-    "self_attn.q_proj": ("attention.qkv", "column", 0),
-    "self_attn.k_proj": ("attention.qkv", "column", 1),
-    "self_attn.v_proj": ("attention.qkv", "column", 2),
-    "self_attn.o_proj": ("attention.dense", "row", 0),
-    "mlp.gate_proj": ("mlp.fc", "column", 0),
-    "mlp.up_proj": ("mlp.gate", "column", 0),
-    "mlp.down_proj": ("mlp.proj", "row", 0),
-}
-_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
-_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
 
 
 def mixed_gemm_source_index(k: int, n: int, bits: int, sm: int) -> torch.Tensor:
     """int64 [K*N]: for each element of the preprocessed stream (in byte / low-nibble-first order),
     its position k*N + n in the row-major [K, N] input."""
     p = torch.arange(k * n, dtype=torch.int64)
-    group = len(_REGISTER[bits])
-    q = p // group * group + torch.tensor(_REGISTER[bits])[p % group]  # before the register shuffle
+    group = len(REGISTER_ORDER[bits])
+    q = p // group * group + torch.tensor(REGISTER_ORDER[bits])[p % group]  # before the register shuffle
     il = 16 // bits if sm != 90 else 1
     if il > 1:  # q indexes [N/il, K/64, il, 64]
         e = q % 64
@@ -52,8 +44,8 @@ def mixed_gemm_source_index(k: int, n: int, bits: int, sm: int) -> torch.Tensor:
         col, krow = a * il + i, c * 64 + e
     else:
         col, krow = q // k, q % k
-    rows = len(_ROWS[bits])
-    src_row = krow // rows * rows + torch.tensor(_ROWS[bits])[krow % rows]
+    rows = len(ROW_PERMUTATION[bits])
+    src_row = krow // rows * rows + torch.tensor(ROW_PERMUTATION[bits])[krow % rows]
     return src_row * n + col
 
 
@@ -122,10 +114,10 @@ class TRTLLMOutput:
     def _gather(self, module: str, per_rank):
         """`per_rank(rank, trt_name)` (a tensor or a tuple of them) for every rank, rows of fused q/k/v
         cut out: (one tuple of per-rank pieces per tensor, the dimension ranks split), or None."""
-        m = _MODULE.match(module)
+        m = PROJECTION.match(module)
         if m is None:
             return None
-        trt, parallel, part = _LINEARS[m.group(2)]
+        (trt, parallel), part = PROJECTIONS[m.group(2)], fused_index(m.group(2))
         name = f"transformer.layers.{m.group(1)}.{trt}"
         pieces = []
         for r in range(self.tp):
@@ -137,7 +129,7 @@ class TRTLLMOutput:
                 start = sum(self.qkv_rows[:part])
                 got = tuple(t[start:start + self.qkv_rows[part]] for t in got)
             pieces.append(got)
-        return tuple(zip(*pieces)), 0 if parallel == "column" else 1
+        return tuple(zip(*pieces)), 0 if parallel == COLUMN else 1
 
     def _rank_awq_codes(self, r: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         w = self._get(r, f"{name}.weight")
@@ -205,28 +197,25 @@ class TRTLLMOutput:
 
     # -- carried tensors -----------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor | None:
-        if name == "model.embed_tokens.weight":
-            return self._get(0, "transformer.vocab_embedding.weight")
-        if name == "model.norm.weight":
-            return self._get(0, "transformer.ln_f.weight")
-        if name == "lm_head.weight":
+        if name == "lm_head.weight":  # split over ranks by rows
             return self._cat_rows("lm_head.weight")
-        m = _NORM.match(name)
+        if name in TOP_LEVEL:
+            return self._get(0, TOP_LEVEL[name])
+        m = NORM.match(name)
         if m:
-            trt = "input_layernorm" if m.group(2) == "input_layernorm" else "post_layernorm"
-            return self._get(0, f"transformer.layers.{m.group(1)}.{trt}.weight")
+            return self._get(0, f"transformer.layers.{m.group(1)}.{NORMS[m.group(2)]}.weight")
         module, _, suffix = name.rpartition(".")
-        if suffix == "weight" and _MODULE.match(module):
+        if suffix == "weight" and PROJECTION.match(module):
             return self.dequantize(module)
-        if suffix == "bias" and _MODULE.match(module):
+        if suffix == "bias" and PROJECTION.match(module):
             return self._bias(module)
         return None
 
     def _bias(self, module: str) -> torch.Tensor | None:
-        m = _MODULE.match(module)
-        trt, parallel, part = _LINEARS[m.group(2)]
+        m = PROJECTION.match(module)
+        (trt, parallel), part = PROJECTIONS[m.group(2)], fused_index(m.group(2))
         name = f"transformer.layers.{m.group(1)}.{trt}.bias"
-        if parallel == "row":
+        if parallel != COLUMN:
             return self._get(0, name)
         shards = []
         for r in range(self.tp):

@@ -8,76 +8,81 @@ rank's shard is streamed into its file, so memory holds one fused linear (one la
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
+from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Plan, Unit, tensor_output
+from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec
-from ct_convert.targets.writer_base import Progress, RepackOptions, WriteReport, exact_cast
 from ct_convert.targets.trtllm_legacy import plan as planning
 from ct_convert.targets.trtllm_legacy.encode import encode_linear, linear_specs
+from ct_convert.targets.trtllm_legacy.facts import SM_METADATA_KEY
 from ct_convert.targets.trtllm_legacy.names import trtllm_config
 from ct_convert.targets.trtllm_legacy.tp import column_shard
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+Produce = Callable[[], list[dict[str, torch.Tensor]]]  # a unit's tensors, per rank: name -> tensor
 
 
-@dataclass
-class Item:
-    specs: list[list[TensorSpec]]  # per rank
-    produce: Callable[[], list[dict[str, torch.Tensor]]]  # per rank: name -> tensor
-    source_bytes: int
-
-
-class TRTLLMWriter:
+class TRTLLMWriter(TargetWriter):
     name = "trtllm"
 
-    def refusal(self, info, opts: RepackOptions) -> str | None:
-        return planning.module_refusal(info, opts)
+    def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        layout = planning.build(plan, reader, opts)
+        fallback = dict(layout.fallbacks)
+        for name, info in reader.modules.items():
+            if name in plan.modules:  # refused
+                continue
+            pending = layout.at_repack.get(name)
+            if plan.inspecting and name not in fallback and layout.algo != planning.FP8 and info.dtype != layout.dtype:
+                pending = "; ".join(filter(None, (pending, f"every scale must be exact in {DTYPE_NAMES.get(layout.dtype, layout.dtype)}")))
+            plan.modules[name] = ModulePlan(FALLBACK if name in fallback else CONVERTED, fallback.get(name), pending)
+        plan.fallbacks = [{"module": m, "written_as": "dense", "reason": why} for m, why in layout.fallbacks]
+        plan.dropped = list(layout.dropped)
+        plan.notes = list(layout.notes) + _notes(layout)
+        plan.units = _units(reader, layout)
+        plan.detail = layout
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        planning.build(reader, opts)
-
-    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
-        plan = planning.build(reader, opts)
-        report = WriteReport(dropped=list(plan.dropped), notes=list(plan.notes))
-        items = _items(reader, plan)
+    def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
+        layout = plan.detail
+        files: Files = {}
         # the SM is recorded for readers (TensorRT-LLM ignores safetensors metadata)
-        meta = {"format": "pt", "ct_convert.sm": str(plan.sm) if plan.sm is not None else ""}
-        writers = [SafetensorsFileWriter(out / f"rank{r}.safetensors", [s for it in items for s in it.specs[r]], meta)
-                   for r in range(plan.tp)]
+        meta = {"format": "pt", SM_METADATA_KEY: str(layout.sm) if layout.sm is not None else ""}
+        ranks = [f"rank{r}.safetensors" for r in range(layout.tp)]
+        specs = [[TensorSpec(o.name, o.torch_dtype, o.shape) for o in plan.outputs() if o.file == f] for f in ranks]
+        writers = [SafetensorsFileWriter(out / f, s, meta) for f, s in zip(ranks, specs)]
         try:
-            for it in items:
-                produced = it.produce()
-                for r, fw in enumerate(writers):
-                    for spec in it.specs[r]:
-                        fw.add(spec.name, produced[r][spec.name])
-                progress(it.source_bytes)
-            for r, fw in enumerate(writers):
-                report.files[f"rank{r}.safetensors"] = {"sha256": fw.close(), "size": fw.size}
+            for unit in plan.units:
+                produced = unit.detail()
+                for o in unit.outputs:
+                    writers[ranks.index(o.file)].add(o.name, produced[ranks.index(o.file)][o.name])
+                progress(unit.source_bytes)
+            for f, fw in zip(ranks, writers):
+                files[f] = {"sha256": fw.close(), "size": fw.size}
         except BaseException:
             for fw in writers:
                 fw.abort()
             raise
-        fallback = {m for m, _ in plan.fallbacks}
-        for name in reader.modules:
-            report.modules[name] = {"status": "dense" if name in fallback else "converted"}
-        report.fallbacks = [{"module": m, "written_as": "dense", "reason": why} for m, why in plan.fallbacks]
-        report.notes.extend(_notes(plan))
-        config = trtllm_config(reader.config, plan.geo, DTYPE_NAMES[plan.dtype], plan.tp, _quantization(plan), _biases(plan))
+        config = trtllm_config(reader.config, layout.geo, DTYPE_NAMES[layout.dtype], layout.tp, _quantization(layout), _biases(layout))
         raw = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         sha, size = write_bytes_with_hash(out / "config.json", raw)
-        report.files["config.json"] = {"sha256": sha, "size": size}
-        for rel in reader.ckpt.other_files():
-            sha, size = copy_with_hash(reader.ckpt.root / rel, out / rel)
-            report.files[str(rel)] = {"sha256": sha, "size": size}
-        return report
+        files["config.json"] = {"sha256": sha, "size": size}
+        for rel in reader.other_files():
+            sha, size = copy_with_hash(reader.root / rel, out / rel)
+            files[str(rel)] = {"sha256": sha, "size": size}
+        return files
 
 
-def _quantization(plan: planning.Plan) -> dict:
+def _unit(sources, specs: list[list[TensorSpec]], how: str, produce: Produce, source_bytes: int, reason: str | None = None) -> Unit:
+    outputs = [tensor_output(s.name, s.dtype, s.shape, f"rank{r}.safetensors") for r, rank in enumerate(specs) for s in rank]
+    return Unit(tuple(sources), outputs, how, reason, source_bytes, produce)
+
+
+def _quantization(plan: planning.Layout) -> dict:
     return {
         "quant_algo": plan.algo,
         "kv_cache_quant_algo": "FP8" if plan.kv_cache else None,
@@ -88,14 +93,14 @@ def _quantization(plan: planning.Plan) -> dict:
     }
 
 
-def _biases(plan: planning.Plan) -> dict:
+def _biases(plan: planning.Layout) -> dict:
     def has(suffix):
         return any(lp.bias for lp in plan.linears if lp.linear.name.endswith(suffix))
 
     return {"attn": has("attention.qkv") or has("attention.dense"), "mlp": has("mlp.fc") or has("mlp.proj")}
 
 
-def _notes(plan: planning.Plan) -> list[str]:
+def _notes(plan: planning.Layout) -> list[str]:
     notes = []
     if plan.algo == planning.FP8 and any(len(lp.linear.parts) > 1 and lp.mode == planning.QUANT for lp in plan.linears):
         notes.append("FP8 fused q/k/v: q, k and v had the same weight_scale and input_scale, written unchanged as "
@@ -111,13 +116,13 @@ def _notes(plan: planning.Plan) -> list[str]:
     return notes
 
 
-def _items(reader, plan: planning.Plan) -> list[Item]:
+def _units(reader: SourceReader, plan: planning.Layout) -> list[Unit]:
     """Every tensor of every rank file, in file order: embedding, each layer, ln_f, lm_head."""
     by_trt = {trt: src for src, trt in plan.replicated.items()}
     items = []
 
     def replicated(src: str, trt: str) -> None:
-        m = reader.store.meta(src)
+        m = reader.tensor_meta(src)
         dt = _carried_dtype(m.torch_dtype, plan.dtype)
         spec = TensorSpec(trt, dt, m.shape)
 
@@ -125,7 +130,7 @@ def _items(reader, plan: planning.Plan) -> list[Item]:
             t = _cast(reader.get(src), dt, src)
             return [{trt: t}] * plan.tp
 
-        items.append(Item([[spec]] * plan.tp, produce, m.nbytes))
+        items.append(_unit([src], [[spec]] * plan.tp, CARRY, produce, m.nbytes))
 
     if "transformer.vocab_embedding.weight" in by_trt:
         replicated(by_trt["transformer.vocab_embedding.weight"], "transformer.vocab_embedding.weight")
@@ -156,16 +161,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     return exact_cast(t, dtype, f"tensor {what}") if t.dtype != dtype else t
 
 
-def _linear_item(reader, plan: planning.Plan, lp: planning.LinearPlan) -> Item:
+def _linear_item(reader: SourceReader, plan: planning.Layout, lp: planning.LinearPlan) -> Unit:
     specs = [linear_specs(plan, lp, r) for r in range(plan.tp)]
-    src = 0
-    for p in lp.linear.parts:
-        if p in reader.modules:
-            src += sum(reader.store.meta(t).nbytes for t in reader.modules[p].tensors.values())
-    return Item(specs, lambda: encode_linear(reader, plan, lp), src)
+    src = sum(reader.source_bytes(p) for p in lp.linear.parts if p in reader.modules)
+    how = {planning.QUANT: ENCODE, planning.DENSE: DEQUANTIZE, planning.FLOAT: CARRY}[lp.mode]
+    reason = "; ".join(why for m, why in plan.fallbacks if m in lp.linear.parts) or None
+    return _unit(lp.linear.parts, specs, how, lambda: encode_linear(reader, plan, lp), src, reason)
 
 
-def _kv_item(reader, plan: planning.Plan, layer: int) -> Item:
+def _kv_item(reader: SourceReader, plan: planning.Layout, layer: int) -> Unit:
     name = f"transformer.layers.{layer}.attention.kv_cache_scaling_factor"
     spec = TensorSpec(name, torch.float32, (1,))
 
@@ -174,10 +178,11 @@ def _kv_item(reader, plan: planning.Plan, layer: int) -> Item:
         v = reader.get(f"model.layers.{layer}.self_attn.v_scale").to(torch.float32).reshape(-1)
         return [{name: torch.maximum(k[:1], v[:1])}] * plan.tp
 
-    return Item([[spec]] * plan.tp, produce, 0)
+    scales = [f"model.layers.{layer}.self_attn.{kv}_scale" for kv in "kv"]
+    return _unit(scales, [[spec]] * plan.tp, ENCODE, produce, 0)
 
 
-def _lm_head_item(reader, plan: planning.Plan) -> Item:
+def _lm_head_item(reader: SourceReader, plan: planning.Layout) -> Unit:
     v, h = plan.geo.vocab, plan.geo.hidden
     specs = [[TensorSpec("lm_head.weight", plan.dtype, (v // plan.tp, h))] for _ in range(plan.tp)]
 
@@ -189,7 +194,9 @@ def _lm_head_item(reader, plan: planning.Plan) -> Item:
             w = _cast(reader.get(src), plan.dtype, src)
         return [{"lm_head.weight": column_shard([w], plan.tp, r)} for r in range(plan.tp)]
 
-    return Item(specs, produce, 0)
+    source = {"module": "lm_head", "tensor": "lm_head.weight", "tied": "model.embed_tokens.weight"}[plan.lm_head]
+    how = DEQUANTIZE if plan.lm_head == "module" else CARRY
+    return _unit([source], specs, how, produce, 0, dict(plan.fallbacks).get("lm_head") if plan.lm_head == "module" else None)
 
 
 Writer = TRTLLMWriter
