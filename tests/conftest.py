@@ -9,6 +9,16 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 INDEX = json.loads((FIXTURES / "index.json").read_text())["fixtures"]
 FIXTURE_NAMES = [f["name"] for f in INDEX]
+# one source each target writes with default options: the shared test matrices run every target of
+# the table on it (a target added to the table without one fails collection)
+SAMPLE = {
+    "dense": "moe-w4a16",
+    "awq": "w4a16-asym-g128",
+    "gptq": "w4a16-g128",
+    "marlin": "marlin-ok-w4a16",
+    "trtllm": "w4a16-g128",
+    "gguf": "gguf/qwen3moe-w4a16",
+}
 
 
 def fixture_entry(name: str) -> dict:

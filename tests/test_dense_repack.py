@@ -4,10 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, FIXTURE_NAMES
+from conftest import FIXTURES, FIXTURE_NAMES, SAMPLE
 from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.targets.reader_base import open_store
 from ct_convert.source import resolve
+from ct_convert.targets import NAMES
+from ct_convert.targets.reader_base import open_store
 
 REFUSED = {"transform-online"}
 
@@ -120,12 +121,9 @@ def test_online_transforms_are_refused(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "fixture,target",
-    [("moe-w4a16", "dense"), ("w4a16-asym-g128", "awq"), ("marlin-ok-w4a16", "marlin"),
-     ("gguf/qwen3moe-w4a16", "gguf"), ("w4a16-g128", "trtllm")],
-)
-def test_output_is_byte_identical_across_runs_and_worker_counts(cli, tmp_path, fixture, target):
+@pytest.mark.parametrize("target", NAMES)
+def test_output_is_byte_identical_across_runs_and_worker_counts(cli, tmp_path, target):
+    fixture = SAMPLE[target]
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli("repack", FIXTURES / fixture, a, "--target", target, "--workers", "1", "-q").code == 0
     assert cli("repack", FIXTURES / fixture, b, "--target", target, "--workers", "3", "-q").code == 0

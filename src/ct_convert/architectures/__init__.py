@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import gguf
-
 from ct_convert.architectures.base import ModelBase, Part
 
 ARCHITECTURES: dict[str, type[ModelBase]] = {}
@@ -32,7 +30,7 @@ def lookup(config: dict) -> type[ModelBase] | None:
 
 def for_gguf(name: str) -> type[ModelBase] | None:
     """The class a GGUF's `general.architecture` names (several HF names may share it)."""
-    return next((c for c in ARCHITECTURES.values() if gguf.MODEL_ARCH_NAMES[c.gguf_arch] == name), None)
+    return next((c for c in ARCHITECTURES.values() if c.gguf_arch_name() == name), None)
 
 
 from ct_convert.architectures import llama, qwen  # noqa: E402,F401  (registration)

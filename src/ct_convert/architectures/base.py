@@ -122,7 +122,11 @@ class ModelBase:
     @property
     def name(self) -> str:
         """llama.cpp's name of the architecture (`general.architecture`)."""
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+        return self.gguf_arch_name()
+
+    @classmethod
+    def gguf_arch_name(cls) -> str:
+        return gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
 
     @cached_property
     def names(self) -> gguf.TensorNameMap:

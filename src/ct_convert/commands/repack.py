@@ -62,7 +62,7 @@ def _return_free_memory() -> None:
 
 
 def _verify_into(reader, folder: Path, modules: dict[str, dict], advance, workers: int) -> None:
-    results = compare(reader, open_output(folder), progress=advance, workers=workers)
+    results = compare(reader, open_output(folder, reader.architecture), progress=advance, workers=workers)
     bad = [r for r in results if not r.ok]
     if bad:
         raise VerificationFailed(

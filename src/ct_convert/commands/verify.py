@@ -17,7 +17,7 @@ from ct_convert.verify import ModuleResult, check_manifest, compare
 
 def verify_pair(source: str, output: Path, atol: float | None, revision: str | None, show_progress: bool) -> list[ModuleResult]:
     reader = open_checkpoint(resolve(source, revision))
-    out = open_output(output)
+    out = open_output(output, reader.architecture)
     with console.progress_bar("verify", reader.total_bytes(), show_progress) as advance:
         return compare(reader, out, atol, progress=advance, workers=os.cpu_count() or 1)
 

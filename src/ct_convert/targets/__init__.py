@@ -57,15 +57,17 @@ def writer_for(name: str):
     return _module(spec(name), "writer").Writer()
 
 
-def open_output(folder: Path):
-    """The reader of whichever target wrote `folder`, asked in detection order."""
+def open_output(folder: Path, source_architecture: str | None = None):
+    """The reader of whichever target wrote `folder`, asked in detection order. `source_architecture`
+    (config.json's HF name, when the source is known) tells readers that map names by architecture
+    which class wrote them."""
     if not folder.exists():
         raise InputError(f"{folder}: no such output folder")
     config = _config(folder)
     for t in sorted(TABLE, key=lambda t: t.detect_order):
         reader = _module(t, "reader")
         if reader.detect(folder, config):
-            return reader.open(folder)
+            return reader.open(folder, source_architecture)
     raise InputError(f"{folder}: not a checkpoint ct-convert can read back (no known layout detected)")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
+from ct_convert.targets.awq.facts import QUANT_METHOD
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
 
 
@@ -49,8 +50,8 @@ class AWQOutput(HFOutputReader):
 
 
 def detect(folder: Path, config) -> bool:
-    return quant_method(config) == "awq"
+    return quant_method(config) == QUANT_METHOD
 
 
-def open(folder: Path) -> AWQOutput:
+def open(folder: Path, source_architecture: str | None = None) -> AWQOutput:
     return AWQOutput(folder)

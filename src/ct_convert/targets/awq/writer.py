@@ -7,17 +7,20 @@ import sys
 
 import torch
 
-from ct_convert.errors import UnsupportedConversion
 from ct_convert import bitpack
-from ct_convert.marlin_layout import INTERLEAVE
-from ct_convert.qweight import ModuleInfo, QuantizedWeight
-from ct_convert.safetensors_out import TensorSpec
+from ct_convert.errors import UnsupportedConversion
 from ct_convert.plan import CONVERTED, Plan
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.targets.writer_base import RepackOptions
+from ct_convert.safetensors_out import TensorSpec
+from ct_convert.targets.awq.facts import NIBBLE_ORDER, QUANT_METHOD
 from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes, unsigned_zeros
+from ct_convert.targets.writer_base import RepackOptions
 
-AWQ_ORDER = INTERLEAVE[4]  # nibble i of a word holds column 8c + AWQ_ORDER[i]
+AWQ_ORDER = NIBBLE_ORDER
+# pack_awq's word arithmetic is this order, read from little-endian int64 views of the codes
+if tuple(AWQ_ORDER) != (0, 2, 4, 6, 1, 3, 5, 7) or sys.byteorder != "little":
+    raise ImportError("ct_convert.targets.awq.writer needs a little-endian host and AutoAWQ's nibble order")
 
 
 def pack_awq(u: torch.Tensor) -> torch.Tensor:
@@ -27,7 +30,6 @@ def pack_awq(u: torch.Tensor) -> torch.Tensor:
     the 8 codes of a group read as one little-endian int64 (one code per byte), both halves are
     gathered by shifts and masks on whole words instead of a per-byte shuffle.
     """
-    assert tuple(AWQ_ORDER) == (0, 2, 4, 6, 1, 3, 5, 7) and sys.byteorder == "little"
     r, n = u.shape
     x = u.contiguous().reshape(-1).view(torch.int64).reshape(r, n // 8)
 
@@ -119,7 +121,7 @@ class AWQWriter(IntWeightWriter):
 
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         return {
-            "quant_method": "awq",
+            "quant_method": QUANT_METHOD,
             "version": "gemm",
             "bits": 4,
             "group_size": self.config_group_size(plan, reader),

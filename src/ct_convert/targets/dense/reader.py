@@ -11,5 +11,5 @@ def detect(folder: Path, config) -> bool:
     return quant_method(config) == ""
 
 
-def open(folder: Path) -> HFOutputReader:
+def open(folder: Path, source_architecture: str | None = None) -> HFOutputReader:
     return HFOutputReader(folder)

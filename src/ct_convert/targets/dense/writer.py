@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ct_convert.qweight import ModuleInfo, QuantizedWeight
-from ct_convert.safetensors_out import TensorSpec
 from ct_convert.plan import Plan
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.targets.writer_base import RepackOptions
+from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets.hf_writer import HFWriter
+from ct_convert.targets.writer_base import RepackOptions
 
 
 class DenseWriter(HFWriter):

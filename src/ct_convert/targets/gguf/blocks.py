@@ -15,13 +15,10 @@ import sys
 
 import torch
 
-QK = 32  # elements per Q4_0 / Q5_0 / Q8_0 / MXFP4 block
-QK_NVFP4 = 64
-NVFP4_SUB = 16
+from ct_convert.targets.gguf.facts import NVFP4_SUB, Q4_0_ZERO, QK, QK_NVFP4, block_bytes
 
-BLOCK_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q8_0": 34, "MXFP4": 17, "NVFP4": 36}
-
-assert sys.byteorder == "little", "ggml block fields are little-endian"
+if sys.byteorder != "little":  # torch views below read ggml's little-endian fields in host order
+    raise ImportError("ct_convert.targets.gguf.blocks needs a little-endian host")
 
 
 def _blocks(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -47,7 +44,7 @@ def _rows(blocks: torch.Tensor) -> torch.Tensor:
 
 def q4_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Signed int codes in [-8, 7] -> Q4_0; value (nibble - 8)·d."""
-    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    u = (codes.to(torch.int16) + Q4_0_ZERO).to(torch.uint8)
     qs = _pair_halves(_blocks(u, QK), QK // 2)
     return _rows(torch.cat([_fp16_bytes(d), qs], dim=-1))
 
@@ -63,7 +60,7 @@ def q4_0_from_stream(stream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     nb = width // 4
     by = stream.contiguous().view(torch.uint8).reshape(*lead, n, nb, 2, 8)
     lo, hi = by[..., 0, :], by[..., 1, :]
-    out = torch.empty(*lead, n, nb, BLOCK_BYTES["Q4_0"], dtype=torch.uint8, device=stream.device)
+    out = torch.empty(*lead, n, nb, block_bytes("Q4_0"), dtype=torch.uint8, device=stream.device)
     out[..., :2] = _fp16_bytes(d)
     qs = out[..., 2:].unflatten(-1, (8, 2))
     torch.bitwise_or(lo & 0xF, hi << 4, out=qs[..., 0])
@@ -100,8 +97,3 @@ def nvfp4(codes: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
     qs = _pair_halves(sub, NVFP4_SUB // 2)  # [..., K/16, 8]
     qs = _blocks(qs.reshape(*qs.shape[:-2], -1), QK_NVFP4 // 2)
     return _rows(torch.cat([d, qs], dim=-1))
-
-
-def row_bytes(ggml_type: str, k: int) -> int:
-    block = QK_NVFP4 if ggml_type == "NVFP4" else QK
-    return k // block * BLOCK_BYTES[ggml_type]

@@ -12,10 +12,8 @@ import torch
 from ct_convert import floatcodes
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
 from ct_convert.targets.gguf import blocks
+from ct_convert.targets.gguf.facts import DENSE_TYPES, QK, QK_NVFP4, QUANTIZED, TORCH_OF
 
-DENSE_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-TORCH_OF = {v: k for k, v in DENSE_TYPES.items()}
-QUANTIZED = {"Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4"}
 
 
 def dense_type(dtype: torch.dtype) -> str:
@@ -42,19 +40,19 @@ def _quantized_type(info: ModuleInfo, slot: str, model, nvfp4: bool) -> tuple[st
             return None, "NVFP4 is written only with --nvfp4 (needs llama.cpp with NVFP4; ollama cannot read it)"
         if slot not in model.nvfp4_slots:
             return None, f"llama.cpp has no global-scale slot for NVFP4 in {slot}"
-        if k % blocks.QK_NVFP4:
-            return None, f"in_features {k} is not a multiple of {blocks.QK_NVFP4}"
+        if k % QK_NVFP4:
+            return None, f"in_features {k} is not a multiple of {QK_NVFP4}"
         return "NVFP4", None
-    if k % blocks.QK:
-        return None, f"in_features {k} is not a multiple of {blocks.QK}"
+    if k % QK:
+        return None, f"in_features {k} is not a multiple of {QK}"
     if e is Encoding.FP4:
         return ("MXFP4", None) if info.format == "mxfp4-pack-quantized" else (None, f"{info.format} has no GGUF type")
     if e is Encoding.FP6:
         return "Q8_0", None
     if s.strategy not in ("tensor", "channel", "group"):
         return None, f"strategy {s.strategy} has no ggml block type"
-    if s.strategy == "group" and s.group_size % blocks.QK:
-        return None, f"group size {s.group_size} is not a multiple of {blocks.QK}"
+    if s.strategy == "group" and s.group_size % QK:
+        return None, f"group size {s.group_size} is not a multiple of {QK}"
     if s.num_bits <= 4:
         return ("Q4_0", None) if s.symmetric else ("Q5_0", None)
     if s.num_bits <= 7 or s.symmetric:
@@ -77,7 +75,7 @@ def at_repack(info: ModuleInfo, ggml: str) -> str | None:
 
 def block_columns(qw: QuantizedWeight) -> torch.Tensor:
     """Scale column of every 32-element block (its first column's group)."""
-    return qw.column_groups()[:: blocks.QK]
+    return qw.column_groups()[:: QK]
 
 
 def block_scales(qw: QuantizedWeight) -> torch.Tensor:
@@ -92,7 +90,7 @@ def data_reason(qw: QuantizedWeight, ggml: str) -> str | None:
     """Why the stored scales keep `ggml` from being exact (fallback), or None. Reads no codes."""
     if ggml in ("Q4_0", "Q5_0", "Q8_0"):
         g = qw.column_groups()
-        if g.numel() % blocks.QK or not bool((g.reshape(-1, blocks.QK) == g[:: blocks.QK, None]).all()):
+        if g.numel() % QK or not bool((g.reshape(-1, QK) == g[:: QK, None]).all()):
             return "g_idx is not constant on each aligned 32-column block"
         d = block_scales(qw)
         half = d.to(torch.float16)

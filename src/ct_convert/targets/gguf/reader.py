@@ -18,24 +18,24 @@ import torch
 from ct_convert import architectures
 from ct_convert.architectures import Part
 from ct_convert.errors import InputError
+from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
 from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
-_BLOCK_TYPES = {"Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4"}
-_INT_BLOCKS = {"Q4_0": (18, 8), "Q8_0": (34, 128)}  # block bytes, the unsigned code of zero
+_ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
 
 
 def detect(folder: Path, config) -> bool:
     return any(folder.glob("*.gguf"))
 
 
-def open(folder: Path) -> "GGUFOutput":
-    return GGUFOutput(folder)
+def open(folder: Path, source_architecture: str | None = None) -> "GGUFOutput":
+    return GGUFOutput(folder, source_architecture)
 
 
 class GGUFOutput:
     working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, source_architecture: str | None = None):
         self.files = sorted(folder.glob("*.gguf"))
         try:
             self.readers = [gguf.GGUFReader(f) for f in self.files]
@@ -46,7 +46,11 @@ class GGUFOutput:
         self._maps = {t.name: getattr(r.data, "_mmap", None) for r in self.readers for t in r.tensors}
         head = self.readers[0]
         arch = self._field(head, "general.architecture")
-        cls = architectures.for_gguf(arch)
+        # the source's class names its tensors, when it is one for this GGUF architecture (several
+        # HF classes may share one); else the first registered for it
+        cls = architectures.ARCHITECTURES.get(source_architecture)
+        if cls is None or cls.gguf_arch_name() != arch:
+            cls = architectures.for_gguf(arch)
         if cls is None:
             raise InputError(f"{folder}: GGUF architecture {arch!r} is not one ct-convert writes")
         self.model = cls.from_gguf(lambda key: self._field(head, key))
@@ -72,9 +76,9 @@ class GGUFOutput:
         ((t, part),) = located
         expert = part.expert
         qtype = gguf.GGMLQuantizationType(t.tensor_type).name
-        if qtype not in _INT_BLOCKS:
+        if qtype not in _ZERO_CODE:
             return None
-        size, zero = _INT_BLOCKS[qtype]
+        size, zero = block_bytes(qtype), _ZERO_CODE[qtype]
         raw = torch.from_numpy(self._copy(t, t.data if expert is None else t.data[expert]))  # [N, row bytes]
         n = raw.shape[0]
         blocks = _restore_rows([(part, raw.reshape(n, -1, size))])
@@ -123,7 +127,7 @@ class GGUFOutput:
     def _values(self, t, expert: int | None) -> torch.Tensor:
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         data = t.data if expert is None else t.data[expert]
-        if qtype.name in _BLOCK_TYPES:
+        if qtype.name in QUANTIZED:
             value = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)))
             if qtype.name == "NVFP4":
                 scale = self.tensors[t.name.removesuffix(".weight") + ".scale"].data

@@ -26,7 +26,7 @@ from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
-from ct_convert.targets.gguf import blocks, mapping, vocab
+from ct_convert.targets.gguf import facts, mapping, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
 
 OUTPUT_STEM = "model"
@@ -49,9 +49,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        if self.ggml in mapping.QUANTIZED:
-            return math.prod(self.shape[:-1]) * blocks.row_bytes(self.ggml, self.shape[-1])
-        return math.prod(self.shape) * mapping.TORCH_OF[self.ggml].itemsize
+        return facts.nbytes(self.ggml, self.shape)
 
 
 class GGUFWriter(TargetWriter):
@@ -201,7 +199,7 @@ def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_expe
     if kind == "tensor":
         meta = reader.tensor_meta(sources[0])
         dtype = meta.torch_dtype
-        if dtype not in mapping.DENSE_TYPES:
+        if dtype not in facts.DENSE_TYPES:
             raise UnsupportedConversion(f"{sources[0]}: a {dtype} tensor has no place in a GGUF")
         one_d = len(meta.shape) <= 1
         ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in s or s in model.f32_slots else mapping.dense_type(dtype)
@@ -241,7 +239,7 @@ def _scan_scales(reader: SourceReader, model: ModelBase, entries: list[Entry]) -
     """Confirm quantized types from the stored scales (no codes read); add NVFP4 `.scale` tensors."""
     extra = []
     for e in entries:
-        if e.kind != "module" or e.ggml not in mapping.QUANTIZED:
+        if e.kind != "module" or e.ggml not in facts.QUANTIZED:
             continue
         multipliers = []
         for s in e.parts:
@@ -375,7 +373,7 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
 
 
 def _carried(t: torch.Tensor, e: Entry) -> torch.Tensor:
-    t = t.to(mapping.TORCH_OF[e.ggml])
+    t = t.to(facts.TORCH_OF[e.ggml])
     rows = e.select(_rows(tuple(t.shape))) if e.select else None
     return t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
 

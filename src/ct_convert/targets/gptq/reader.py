@@ -9,6 +9,7 @@ import torch
 
 from ct_convert import bitpack
 from ct_convert.errors import InputError
+from ct_convert.targets.gptq.facts import CHECKPOINT_FORMATS, QUANT_METHOD, V1_ZERO_OFFSET
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
 
 
@@ -20,8 +21,8 @@ class GPTQOutput(HFOutputReader):
             return None
         qc = self.config["quantization_config"]
         b = int(qc["bits"])
-        fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
-        if fmt not in ("gptq", "gptq_v2"):
+        fmt = qc.get("checkpoint_format", qc.get("format", CHECKPOINT_FORMATS["v1"]))
+        if fmt not in CHECKPOINT_FORMATS.values():
             raise InputError(f"{self.folder}: GPTQ checkpoint_format {fmt!r} cannot be read back")
         qweight = self.store.get(f"{module}.qweight")  # [K*b/32, N]
         scales = self.store.get(f"{module}.scales")  # [G, N]
@@ -29,8 +30,8 @@ class GPTQOutput(HFOutputReader):
         k, n = g_idx.numel(), qweight.shape[1]
         stream = qweight.t()  # each column of qweight is one bit stream along K
         z = bitpack.unpack(self.store.get(f"{module}.qzeros"), b, n, bitpack.STREAM).to(torch.int16)  # [G, N]
-        if fmt == "gptq":
-            z = z + 1  # v1 stores zero - 1; readers add it back without masking
+        if fmt == CHECKPOINT_FORMATS["v1"]:
+            z = z + V1_ZERO_OFFSET  # readers add it back without masking
         g = scales.shape[0]
         if z.shape != scales.shape or int(g_idx.min()) < 0 or int(g_idx.max()) >= g:
             raise InputError(f"{module}: qzeros {list(z.shape)}, scales {list(scales.shape)} and g_idx disagree")
@@ -42,8 +43,8 @@ class GPTQOutput(HFOutputReader):
 
 
 def detect(folder: Path, config) -> bool:
-    return quant_method(config) == "gptq"
+    return quant_method(config) == QUANT_METHOD
 
 
-def open(folder: Path) -> GPTQOutput:
+def open(folder: Path, source_architecture: str | None = None) -> GPTQOutput:
     return GPTQOutput(folder)

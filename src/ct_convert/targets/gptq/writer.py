@@ -9,12 +9,13 @@ import torch
 from ct_convert import bitpack
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.marlin_layout import pack_lsb
-from ct_convert.qweight import ModuleInfo, QuantizedWeight
-from ct_convert.safetensors_out import TensorSpec
 from ct_convert.plan import Plan
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.targets.writer_base import RepackOptions
+from ct_convert.safetensors_out import TensorSpec
+from ct_convert.targets.gptq.facts import CHECKPOINT_FORMATS, QUANT_METHOD, V1_ZERO_OFFSET
 from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, unsigned_codes, unsigned_zeros
+from ct_convert.targets.writer_base import RepackOptions
 
 
 def pack_along_last(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ class GPTQWriter(IntWeightWriter):
                     "which stores zero - 1",
                     hint="Use --gptq-format v2, or --target awq for 4-bit weights.",
                 )
-            zeros = zeros - 1
+            zeros = zeros - V1_ZERO_OFFSET
         return {
             "qweight": self._qweight(qw),
             "qzeros": pack_along_last(zeros, b),
@@ -89,12 +90,12 @@ class GPTQWriter(IntWeightWriter):
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         converted = [reader.modules[m] for m in plan.converted()]
         config = {
-            "quant_method": "gptq",
+            "quant_method": QUANT_METHOD,
             "bits": self.config_bits(plan, reader),
             "group_size": self.config_group_size(plan, reader),
             "desc_act": any(i.has_g_idx for i in converted),
             "sym": all(i.scheme.symmetric for i in converted),
-            "checkpoint_format": "gptq_v2" if opts.gptq_format == "v2" else "gptq",
+            "checkpoint_format": CHECKPOINT_FORMATS[opts.gptq_format],
             "pack_dtype": "int32",
             "static_groups": False,
             "true_sequential": True,

@@ -2,7 +2,8 @@
 fp16 [G, N] permuted; 4-bit symmetric, w = (u - 8) * scale.
 
 The tile layout is undone from the closed form of §1.2 (which word and nibble hold which code),
-not from the permutation table the writer builds, so the two derivations check each other.
+not from the permutation table the writer builds, so the two derivations check each other; the
+scale permutation is the shared table (facts.py).
 """
 
 from __future__ import annotations
@@ -12,18 +13,8 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
+from ct_convert.targets.marlin.facts import QUANT_METHOD, ZERO, scale_order
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
-
-def _scale_source(groups: int) -> torch.Tensor:
-    """Column of the stored `s` that holds original column c, within one permutation block."""
-    if groups > 1:
-        p = torch.arange(64)
-        old = p // 8 + 8 * (p % 8)
-    else:
-        p = torch.arange(32)
-        m = p % 8
-        old = 2 * (p // 8) + m % 2 + 8 * (m // 2)
-    return torch.argsort(old)
 
 
 def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
@@ -59,14 +50,14 @@ class MarlinOutput(HFOutputReader):
         g = s.shape[0]
         if s.shape[1] != n or k % g:
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
-        src = _scale_source(g)
+        src = torch.argsort(scale_order(g))  # the stored column of each original column
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        return GroupCodes(lambda: unpack_marlin(b).t(), torch.full((g, n), 8, dtype=torch.int16), s)
+        return GroupCodes(lambda: unpack_marlin(b).t(), torch.full((g, n), ZERO, dtype=torch.int16), s)
 
 
 def detect(folder: Path, config) -> bool:
-    return quant_method(config) == "marlin"
+    return quant_method(config) == QUANT_METHOD
 
 
-def open(folder: Path) -> MarlinOutput:
+def open(folder: Path, source_architecture: str | None = None) -> MarlinOutput:
     return MarlinOutput(folder)

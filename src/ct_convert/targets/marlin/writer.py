@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from ct_convert.errors import UnsupportedConversion
 from ct_convert import bitpack
+from ct_convert.errors import UnsupportedConversion
 from ct_convert.marlin_layout import marlin_permute_scales, marlin_weights_from_stream
-from ct_convert.qweight import ModuleInfo, QuantizedWeight
-from ct_convert.safetensors_out import TensorSpec
 from ct_convert.plan import CONVERTED, Plan
+from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.targets.writer_base import RepackOptions
+from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets.int_writer import IntWeightWriter, fp16_scales, require_plain_g_idx, unsigned_codes
+from ct_convert.targets.marlin.facts import QUANT_METHOD
+from ct_convert.targets.writer_base import RepackOptions
 
 
 class MarlinWriter(IntWeightWriter):
@@ -72,7 +73,7 @@ class MarlinWriter(IntWeightWriter):
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         # TGI reads bits, group_size, sym and desc_act beside quant_method; vLLM <= 0.10 group_size and lm_head
         return {
-            "quant_method": "marlin",
+            "quant_method": QUANT_METHOD,
             "group_size": self.config_group_size(plan, reader),
             "bits": 4,
             "sym": True,

@@ -244,5 +244,5 @@ def detect(folder: Path, config) -> bool:
     return isinstance(config, dict) and "architecture" in config and "mapping" in config and (folder / "rank0.safetensors").is_file()
 
 
-def open(folder: Path) -> TRTLLMOutput:
+def open(folder: Path, source_architecture: str | None = None) -> TRTLLMOutput:
     return TRTLLMOutput(folder)
