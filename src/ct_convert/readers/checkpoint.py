@@ -241,7 +241,6 @@ def _discover(r: CompressedTensorsReader) -> None:
         mt = ModuleTensors(p, tensors, store, group, qc, r.model_dtype)
         info = decoder_for(fmt).describe(mt, fmt)
         info.sparsity = sparse or info.sparsity or _declared_sparsity(p, qc)
-        info.group = group.name if group else None
         if group is not None and group.input_activations is not None:
             info.input_activations = group.input_activations.as_json()
         r.modules[p] = info

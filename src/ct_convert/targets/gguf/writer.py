@@ -311,7 +311,7 @@ def _n_vocab(entries: list[Entry]) -> int:
     for e in entries:
         if e.name == "token_embd.weight":
             return e.shape[-2]
-    raise UnsupportedConversion("the checkpoint has no token embedding (model.embed_tokens.weight)")
+    raise InputError("the checkpoint has no token embedding (model.embed_tokens.weight)")
 
 
 def _file_type(entries: list[Entry]) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from ct_convert.bitpack import INTERLEAVE
+
 SM_METADATA_KEY = "ct_convert.sm"  # safetensors __metadata__ key: the GPU layout a rank file holds
 
 COLUMN, ROW = "column", "row"  # tensor parallelism: split along N, or along K
@@ -44,5 +46,5 @@ ROW_PERMUTATION = {
         4, 5, 12, 13, 20, 21, 28, 29, 6, 7, 14, 15, 22, 23, 30, 31),
 }  # fmt: skip
 # inside each 32-bit register: output slot t holds input element REGISTER_ORDER[t]
-REGISTER_ORDER = {8: (0, 2, 1, 3), 4: (0, 2, 4, 6, 1, 3, 5, 7)}
+REGISTER_ORDER = INTERLEAVE
 K_TILE = 64  # ThreadblockK for 16-bit activations

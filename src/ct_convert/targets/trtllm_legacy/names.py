@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ct_convert import architectures
-from ct_convert.errors import UnsupportedConversion
+from ct_convert.errors import InputError
 from ct_convert.targets.trtllm_legacy.facts import COLUMN, LINEAR_ORDER, NORM, NORMS, PROJECTION, PROJECTIONS, ROW, TOP_LEVEL
 
 # the architectures whose class says TensorRT-LLM's legacy checkpoint holds them (Llama-family names)
@@ -96,7 +96,7 @@ def geometry(config: dict) -> Geometry:
             vocab=int(c["vocab_size"]),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise UnsupportedConversion(
+        raise InputError(
             f"config.json: missing or invalid {e} for a Llama-family model",
             hint="The TensorRT-LLM checkpoint needs the model's geometry from config.json.",
         ) from None

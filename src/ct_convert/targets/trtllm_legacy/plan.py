@@ -178,7 +178,7 @@ def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
     planned = {p for lp in linears for p in lp.linear.parts}
     stray = [n for n in reader.modules if n != "lm_head" and n not in planned and not any(n in b for b in refused)]
     if stray:
-        raise UnsupportedConversion(
+        raise InputError(
             f"{stray[0]}: beyond num_hidden_layers {geo.layers} of config.json", hint="The checkpoint is inconsistent."
         )
     lm_head = "tensor"
@@ -187,7 +187,7 @@ def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
         (fallbacks if keep else refused).append(("lm_head", reasons["lm_head"]))
     elif "lm_head.weight" not in names:
         if "model.embed_tokens.weight" not in names:
-            raise UnsupportedConversion("lm_head.weight: missing, and no model.embed_tokens.weight to tie it to")
+            raise InputError("lm_head.weight: missing, and no model.embed_tokens.weight to tie it to")
         lm_head = "tied"
     for module, why in refused:
         out.modules.setdefault(module, ModulePlan(REFUSED, why))
@@ -250,11 +250,11 @@ def _plan_linear(reader: SourceReader, lin: Linear, geo: Geometry, names: set[st
         else:
             raise InputError(f"{part}: missing from the checkpoint", hint="The checkpoint is incomplete.")
         if len(shape) != 2 or (cols is not None and shape[1] != cols):
-            raise UnsupportedConversion(f"{part}: shape {list(shape)} does not fit {lin.name}")
+            raise InputError(f"{part}: shape {list(shape)} does not fit {lin.name}")
         rows.append(shape[0])
         cols = shape[1]
     if expect_rows is not None and tuple(rows) != expect_rows:
-        raise UnsupportedConversion(
+        raise InputError(
             f"{lin.name}: q/k/v rows {rows} do not match heads x head_size {list(expect_rows)} from config.json"
         )
     biases = [f"{p}.bias" in names for p in lin.parts]
@@ -328,7 +328,7 @@ def _carried(reader: SourceReader, plan: Layout, names: set[str], refused: list[
             )
         missing = [t for t in k_scales if t not in names]
         if missing:
-            raise UnsupportedConversion(f"{missing[0]}: missing while the KV cache is quantized")
+            raise InputError(f"{missing[0]}: missing while the KV cache is quantized")
         plan.kv_cache = True
         consumed.update(k_scales)
         plan.notes.append(
