@@ -65,7 +65,7 @@ class GGUFWriter(TargetWriter):
             plan.at_repack = vocab.survey(reader.root, opts.vocab_from)
             for e in entries:
                 if e.kind == "module" and e.reason is None:
-                    e.pending = mapping.at_repack(reader.modules[e.parts[0]], e.ggml)
+                    e.pending = _pending(reader, e)
         else:
             voc = vocab.load(reader.root, reader.config, n_vocab, copied, opts.strict)
             entries = _scan_scales(reader, model, entries)
@@ -236,11 +236,14 @@ def _order_key(reader: SourceReader, source: str, kind: str) -> tuple:
 
 
 def _scan_scales(reader: SourceReader, model: ModelBase, entries: list[Entry]) -> list[Entry]:
-    """Confirm quantized types from the stored scales (no codes read); add NVFP4 `.scale` tensors."""
+    """Confirm quantized types from the stored scales (no codes read) where the headers cannot (what
+    inspect calls decided at repack); add NVFP4 `.scale` tensors."""
     extra = []
     for e in entries:
         if e.kind != "module" or e.ggml not in facts.QUANTIZED:
             continue
+        if e.ggml != "NVFP4" and _pending(reader, e) is None:
+            continue  # fp16 scales and no g_idx: exact from the headers alone
         multipliers = []
         for s in e.parts:
             qw = reader.read(s)
@@ -256,6 +259,11 @@ def _scan_scales(reader: SourceReader, model: ModelBase, entries: list[Entry]) -
             base = e.name.removesuffix(".weight")
             extra.append(Entry(f"{base}.scale", "constant", [], "F32", tuple(values.shape), constant=values, order=e.order + (1,)))
     return sorted(entries + extra, key=lambda e: e.order)
+
+
+def _pending(reader: SourceReader, e: Entry) -> str | None:
+    """What only the scales of a module entry's sources decide, or None."""
+    return next(filter(None, (mapping.at_repack(reader.modules[s], e.ggml) for s in e.parts)), None)
 
 
 def _modules(plan: Plan, entries: list[Entry]) -> None:
