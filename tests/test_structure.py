@@ -89,7 +89,7 @@ def test_targets_reach_the_source_through_its_interface():
 
 @pytest.mark.parametrize("spec", TABLE, ids=lambda t: t.name)
 def test_each_table_entry_is_a_complete_target(spec):
-    writer = importlib.import_module(f"ct_convert.targets.{spec.package}.writer").Writer()
+    writer = importlib.import_module(f"ct_convert.targets.{spec.package}.writer").Writer(spec.name)
     assert isinstance(writer, TargetWriter) and writer.name == spec.name
     reader = importlib.import_module(f"ct_convert.targets.{spec.package}.reader")
     assert callable(reader.detect) and callable(reader.open)

@@ -29,6 +29,11 @@ _state = {"debug": False}
 Target = Enum("Target", [(n, n) for t in TABLE for n in (t.name, *t.aliases)], type=str)
 
 
+def _takes(option: str) -> str:
+    """The targets that read a target-specific option, for its help."""
+    return ", ".join(t.name for t in TABLE if option in t.options)
+
+
 class DType(str, Enum):
     float16 = "float16"
     bfloat16 = "bfloat16"
@@ -100,12 +105,12 @@ def repack(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Re-read the output and compare it with the source."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Modules converted in parallel (default: number of cores)."),
     keep_unsupported: Optional[Keep] = typer.Option(None, "--keep-unsupported", help="Write modules the target cannot hold dequantized (dense) instead of refusing."),
-    gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help="GPTQ checkpoint format (gptq target)."),
-    tp_size: int = typer.Option(1, "--tp-size", min=1, help="Tensor-parallel ranks (trtllm target)."),
-    sm: Optional[int] = typer.Option(None, "--sm", help="GPU architecture 80, 89, 90 or 100 (trtllm W4A16_GPTQ)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target)."),
-    vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Take the vocabulary from this GGUF file (gguf target)."),
-    nvfp4: bool = typer.Option(False, "--nvfp4", help="Write NVFP4 weights as GGUF NVFP4 (gguf target)."),
+    gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help=f"GPTQ checkpoint format ({_takes('gptq_format')} target)."),
+    tp_size: int = typer.Option(1, "--tp-size", min=1, help=f"Tensor-parallel ranks ({_takes('tp_size')} target)."),
+    sm: Optional[int] = typer.Option(None, "--sm", help=f"GPU architecture 80, 89, 90 or 100 ({_takes('sm')} W4A16_GPTQ)."),
+    strict: bool = typer.Option(False, "--strict", help=f"Refuse instead of falling back to BF16/F32 ({_takes('strict')} target)."),
+    vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help=f"Take the vocabulary from this GGUF file ({_takes('vocab_from')} target)."),
+    nvfp4: bool = typer.Option(False, "--nvfp4", help=f"Write NVFP4 weights as GGUF NVFP4 ({_takes('nvfp4')} target)."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,

@@ -54,7 +54,8 @@ def _module(t: TargetSpec, part: str):
 
 def writer_for(name: str):
     """The target's writer (an instance of its `writer.Writer`)."""
-    return _module(spec(name), "writer").Writer()
+    t = spec(name)
+    return _module(t, "writer").Writer(t.name)
 
 
 def open_output(folder: Path, source_architecture: str | None = None):

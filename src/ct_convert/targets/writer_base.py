@@ -56,7 +56,8 @@ class TargetWriter:
     """Base of every target's `writer.Writer`: `fill_plan` decides everything from the source before
     any output exists (refusing what the target cannot hold), `write` carries the plan out."""
 
-    name = ""
+    def __init__(self, name: str):
+        self.name = name  # its name in the target table
 
     def plan(self, reader: SourceReader, opts: RepackOptions, *, inspecting: bool = False) -> Plan:
         """The plan, or the first refusal raised. `inspecting`: from header facts only, refusals

@@ -63,7 +63,6 @@ def transpose_awq(words: torch.Tensor) -> torch.Tensor:
 
 
 class AWQWriter(IntWeightWriter):
-    name = "awq"
     label = "AWQ"
     bits = (4,)
 

@@ -11,7 +11,6 @@ from ct_convert.targets.writer_base import RepackOptions
 
 
 class DenseWriter(HFWriter):
-    name = "dense"
 
     def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
         return None

@@ -53,7 +53,6 @@ class Entry:
 
 
 class GGUFWriter(TargetWriter):
-    name = "gguf"
 
     def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
         model, entries = _layout(plan, reader, opts)

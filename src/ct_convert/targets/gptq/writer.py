@@ -31,7 +31,6 @@ def dynamic_exclusions(modules: list[str]) -> dict[str, dict]:
 
 
 class GPTQWriter(IntWeightWriter):
-    name = "gptq"
     label = "GPTQ"
     bits = (2, 3, 4, 8)
 

@@ -18,7 +18,6 @@ from ct_convert.targets.writer_base import RepackOptions
 
 
 class MarlinWriter(IntWeightWriter):
-    name = "marlin"
     label = "Marlin"
     bits = (4,)
 

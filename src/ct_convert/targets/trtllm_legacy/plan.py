@@ -119,10 +119,10 @@ class Layout:
                 "*shared_expert_gate", *dense]
 
 
-def _refusal(refused: list[tuple[str, str]], hint: str) -> UnsupportedConversion:
+def _refusal(target: str, refused: list[tuple[str, str]], hint: str) -> UnsupportedConversion:
     name, why = refused[0]
     more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-    return UnsupportedConversion(f"{name}: cannot be written as trtllm: {why}{more}", hint=hint)
+    return UnsupportedConversion(f"{name}: cannot be written as {target}: {why}{more}", hint=hint)
 
 
 def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
@@ -131,7 +131,7 @@ def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
     arch = reader.architecture
     if arch not in ARCHITECTURES:
         raise UnsupportedConversion(
-            f"architecture {arch}: the trtllm target writes only {', '.join(ARCHITECTURES)}",
+            f"architecture {arch}: the {out.target} target writes only {', '.join(ARCHITECTURES)}",
             hint="Choose another --target for this model.",
         )
     refuse_online_transforms(reader, "The weights alone are not the model; ct-convert cannot port online transforms yet.")
@@ -146,7 +146,7 @@ def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
     for name, info in reader.modules.items():
         why = module_refusal(info, opts)
         if why and (name != "lm_head" and linear_of(name) is None):
-            raise _refusal([(name, why)], "The trtllm target holds Llama-family decoder layers only; choose another --target.")
+            raise _refusal(out.target, [(name, why)], f"The {out.target} target holds Llama-family decoder layers only; choose another --target.")
         if why:
             reasons[name] = why
         else:
@@ -192,13 +192,13 @@ def build(out: Plan, reader: SourceReader, opts: RepackOptions) -> Layout:
     for module, why in refused:
         out.modules.setdefault(module, ModulePlan(REFUSED, why))
     if refused and all("--sm" in why for _, why in refused):
-        out.refuse_modules(_refusal(refused, "Pass --sm with the GPU family that will run the engine (80 Ampere, 89 Ada, 90 Hopper, 100 Blackwell)."))
+        out.refuse_modules(_refusal(out.target, refused, "Pass --sm with the GPU family that will run the engine (80 Ampere, 89 Ada, 90 Hopper, 100 Blackwell)."))
     elif refused:
-        out.refuse_modules(_refusal(refused, "Pass --keep-unsupported dense to write such modules in float (listed in exclude_modules), "
+        out.refuse_modules(_refusal(out.target, refused, "Pass --keep-unsupported dense to write such modules in float (listed in exclude_modules), "
                                     "or choose another --target."))
 
     layout = Layout(algo, group_size, dtype, tp, opts.sm, geo, linears, {}, lm_head, False, fallbacks, at_repack=pending or {})
-    _carried(reader, layout, names, refused_linears)
+    _carried(reader, layout, names, refused_linears, out.target)
     if algo is None:
         layout.notes.append("no module could keep its quantization: quant_algo is null (float checkpoint)")
     return layout
@@ -308,7 +308,7 @@ def _fp8_scales_refusal(reader: SourceReader, lin: Linear, parts: list[str], alg
     return None
 
 
-def _carried(reader: SourceReader, plan: Layout, names: set[str], refused: list[LinearPlan]) -> None:
+def _carried(reader: SourceReader, plan: Layout, names: set[str], refused: list[LinearPlan], target: str) -> None:
     """Every source tensor outside the quantized modules: carried, consumed by a linear, or refused
     (refused linears are not written, but their tensors are theirs: only inspect gets this far)."""
     consumed = set()
@@ -346,5 +346,5 @@ def _carried(reader: SourceReader, plan: Layout, names: set[str], refused: list[
         else:
             raise UnsupportedConversion(
                 f"{t}: no counterpart in a TensorRT-LLM {reader.architecture} checkpoint",
-                hint="The trtllm target holds Llama-family decoder layers only; choose another --target.",
+                hint=f"The {target} target holds Llama-family decoder layers only; choose another --target.",
             )

@@ -29,7 +29,6 @@ Produce = Callable[[], list[dict[str, torch.Tensor]]]  # a unit's tensors, per r
 
 
 class TRTLLMWriter(TargetWriter):
-    name = "trtllm"
 
     def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
         layout = planning.build(plan, reader, opts)
