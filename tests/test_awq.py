@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import equal_bits
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
-from ct_convert.readers.targets.awq import unpack_awq
-from ct_convert.writers import RepackOptions, writer_for
+from ct_convert.targets.awq.reader import unpack_awq
+from ct_convert.targets import writer_for
+from ct_convert.targets.writer_base import RepackOptions
 
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -50,13 +52,13 @@ def test_matches_autoawq_packing_and_dequant(n, k, gs, asym):
     u = qw.codes.to(torch.int64).t() + 8  # [K, N]
     z = (qw.zero_point.to(torch.int64).t() + 8) if asym else torch.full((k // gs, n), 8)
     assert out["qweight"].shape == (k, n // 8) and out["qzeros"].shape == (k // gs, n // 8)
-    assert torch.equal(out["qweight"].to(torch.int64) & 0xFFFFFFFF, autoawq_pack(u))
-    assert torch.equal(out["qzeros"].to(torch.int64) & 0xFFFFFFFF, autoawq_pack(z))
-    assert torch.equal(autoawq_unpack(out["qweight"]), u)
-    assert torch.equal(unpack_awq(out["qweight"]), u)  # the output reader's unpacking
+    assert equal_bits(out["qweight"].to(torch.int64) & 0xFFFFFFFF, autoawq_pack(u))
+    assert equal_bits(out["qzeros"].to(torch.int64) & 0xFFFFFFFF, autoawq_pack(z))
+    assert equal_bits(autoawq_unpack(out["qweight"]), u)
+    assert equal_bits(unpack_awq(out["qweight"]), u.to(torch.uint8))  # the output reader's unpacking
     rows = torch.arange(k) // gs
     w = (u - z[rows]).to(torch.float32) * out["scales"].to(torch.float32)[rows]
-    assert torch.equal(w.t(), qw.dequantize(torch.float32))
+    assert equal_bits(w.t(), qw.dequantize(torch.float32))
 
 
 def test_symmetric_zero_words_are_eight():
@@ -94,9 +96,9 @@ def test_nibble_transpose_of_library_packed_words_equals_the_unpacked_path(n, k)
     """The bit-parallel path (no unpacking) against the byte path tested above on AutoAWQ's order."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from ct_convert.writers.awq import pack_awq, transpose_awq
+    from ct_convert.targets.awq.writer import pack_awq, transpose_awq
 
     q = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int8)
     words = pack_to_int32(q, 4)
     u = (q.to(torch.int16) + 8).to(torch.uint8)
-    assert torch.equal(transpose_awq(words), pack_awq(u.t()))
+    assert equal_bits(transpose_awq(words), pack_awq(u.t()))

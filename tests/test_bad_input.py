@@ -122,3 +122,21 @@ def test_permission_denied_on_output(cli, tmp_path):
     finally:
         locked.chmod(0o700)
     assert r.code == 2 and "locked" in r.err
+
+
+def test_a_missing_config_key_is_bad_input_for_every_target_that_needs_it(tmp_path):
+    """The same fault is the same error class whichever target meets it."""
+    from ct_convert.errors import InputError
+    from ct_convert.readers.checkpoint import open_checkpoint
+    from ct_convert.source import resolve
+    from ct_convert.targets import writer_for
+    from ct_convert.targets.writer_base import RepackOptions
+
+    src = copy_fixture("w4a16-g128", tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    reader = open_checkpoint(resolve(str(src)))
+    for target in ("gguf", "trtllm-legacy"):
+        with pytest.raises(InputError, match="num_attention_heads"):
+            writer_for(target).plan(reader, RepackOptions(target=target, sm=80))

@@ -2,6 +2,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+from conftest import equal_bits
 from ct_convert import bitpack
 
 
@@ -26,7 +27,7 @@ def test_three_bit_element_straddles_words():
     w0, w1 = words(packed)
     # element 10 occupies stream bits 30..32: two bits at the top of word 0, one at the bottom of word 1
     assert (w0 >> 30) == (2 & 3) and (w1 & 1) == (2 >> 2)
-    assert torch.equal(bitpack.unpack(packed, 3, 11), codes)
+    assert equal_bits(bitpack.unpack(packed, 3, 11), codes)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -36,8 +37,8 @@ def test_stream_matches_library_pack(bits, k):
     q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, k), generator=g, dtype=torch.int8)
     ref = pack_to_int32(q, bits)
     codes = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-    assert torch.equal(bitpack.pack(codes, bits), ref)
-    assert torch.equal(bitpack.unpack(ref, bits, k), codes)
+    assert equal_bits(bitpack.pack(codes, bits), ref)
+    assert equal_bits(bitpack.unpack(ref, bits, k), codes)
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])
@@ -51,7 +52,7 @@ def test_words_layout_is_floor_32_over_b_per_word(bits):
         for i in range(k):
             word = words(packed[row])[i // pf]
             assert (word >> ((i % pf) * bits)) & ((1 << bits) - 1) == codes[row, i]
-    assert torch.equal(bitpack.unpack(packed, bits, k, bitpack.WORDS), codes)
+    assert equal_bits(bitpack.unpack(packed, bits, k, bitpack.WORDS), codes)
     assert bitpack.packed_width(k, bits, bitpack.WORDS) == 4
     assert bitpack.packed_width(k, bits, bitpack.STREAM) == -(-k * bits // 32)
 

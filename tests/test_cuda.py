@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, SAMPLE
+from ct_convert.targets import NAMES
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
-CASES = [
-    ("w4a16-g128", "dense"), ("w4a16-asym-g128", "awq"), ("w4a16-g128", "gptq"), ("legacy-0.8.1-actorder-group", "gptq"),
-    ("marlin-ok-w4a16", "marlin"), ("nvfp4a16", "dense"), ("mxfp4a16", "dense"), ("w3a16-g128", "gptq"), ("fp8-block", "dense"),
-    ("w3a16-g128", "mlx"), ("legacy-0.14-w3a16", "mlx"), ("moe-w4a16", "mlx"), ("mxfp6a16", "mlx"),
+CASES = [(SAMPLE[t], t) for t in NAMES] + [
+    ("w4a16-g128", "dense"), ("legacy-0.8.1-actorder-group", "gptq"),
+    ("nvfp4a16", "dense"), ("mxfp4a16", "dense"), ("w3a16-g128", "gptq"), ("fp8-block", "dense"),
+    ("w3a16-g128", "mlx"), ("legacy-0.14-w3a16", "mlx"), ("mxfp6a16", "mlx"),
 ]
 
 

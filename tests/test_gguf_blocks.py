@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import equal_bits, positive_zeros
 from ct_convert import floatcodes
-from ct_convert.writers.gguf import blocks
+from ct_convert.targets.gguf import blocks
 
 T = gguf.GGMLQuantizationType
 
@@ -40,7 +41,7 @@ def test_a_byte_copy_of_ct_packing_is_caught():
     ct_bytes = pack_to_int32(codes, 4).contiguous().view(torch.uint8).reshape(4, 2, 16)
     copied = torch.cat([ours.reshape(4, 2, 18)[..., :2], ct_bytes], -1).reshape(4, 36)
     exact = codes.double() * 0.25
-    assert torch.equal(deq(ours, T.Q4_0).double(), exact)
+    assert equal_bits(deq(ours, T.Q4_0).double(), exact)
     assert not torch.equal(deq(copied, T.Q4_0).double(), exact)
 
 
@@ -57,7 +58,7 @@ def test_q4_0_random_exact(n, k):
     codes, d = _case(n * k, n, k, -8, 7)
     got = deq(blocks.q4_0(codes.to(torch.int8), d), T.Q4_0)
     exact = codes.double() * d.double().repeat_interleave(32, dim=1)
-    assert torch.equal(got.double(), exact)
+    assert equal_bits(got.double(), exact)
 
 
 @pytest.mark.parametrize("n,k", [(1, 32), (3, 96), (17, 256), (64, 128)])
@@ -68,11 +69,11 @@ def test_q4_0_from_packed_streams(n, k):
     codes, d = _case(n * k + 1, n, k, -8, 7)
     stream = pack_to_int32(codes.to(torch.int8), 4)
     got = blocks.q4_0_from_stream(stream, d)
-    assert torch.equal(got, blocks.q4_0(codes.to(torch.int8), d))
+    assert equal_bits(got, blocks.q4_0(codes.to(torch.int8), d))
     exact = codes.double() * d.double().repeat_interleave(32, dim=1)
-    assert torch.equal(deq(got, T.Q4_0).double(), exact)
+    assert equal_bits(deq(got, T.Q4_0).double(), exact)
     stacked = blocks.q4_0_from_stream(stream.reshape(1, n, -1), d.reshape(1, n, -1))
-    assert torch.equal(stacked.reshape(n, -1), got)
+    assert equal_bits(stacked.reshape(n, -1), got)
 
 
 @pytest.mark.parametrize("n,k", [(1, 32), (5, 160), (32, 256)])
@@ -85,7 +86,7 @@ def test_q5_0_asymmetric_exact(n, k):
     diff = u - z.repeat_interleave(32, dim=1)
     d = (torch.rand(n, k // 32, generator=g) + 0.001).to(torch.bfloat16)
     got = deq(blocks.q5_0(diff, d), T.Q5_0)
-    assert torch.equal(got.double(), diff.double() * d.double().repeat_interleave(32, dim=1))
+    assert equal_bits(got.double(), diff.double() * d.double().repeat_interleave(32, dim=1))
 
 
 @pytest.mark.parametrize("n,k", [(2, 32), (9, 320)])
@@ -93,14 +94,14 @@ def test_q8_0_exact_including_minus_128(n, k):
     codes, d = _case(k, n, k, -128, 127)
     got = deq(blocks.q8_0(codes, d), T.Q8_0)
     assert (codes == -128).any()
-    assert torch.equal(got.double(), codes.double() * d.double().repeat_interleave(32, dim=1))
+    assert equal_bits(got.double(), codes.double() * d.double().repeat_interleave(32, dim=1))
 
 
 def test_q8_0_holds_asymmetric_int4():
     g = torch.Generator().manual_seed(3)
     diff = torch.randint(-15, 16, (4, 64), generator=g)
     d = torch.full((4, 2), 0.125)
-    assert torch.equal(deq(blocks.q8_0(diff, d), T.Q8_0).double(), diff.double() * 0.125)
+    assert equal_bits(deq(blocks.q8_0(diff, d), T.Q8_0).double(), diff.double() * 0.125)
 
 
 @pytest.mark.parametrize("n,k", [(1, 32), (6, 192)])
@@ -110,9 +111,9 @@ def test_mxfp4_exact(n, k):
     e = torch.randint(110, 140, (n, k // 32), generator=g, dtype=torch.uint8)
     rows = blocks.mxfp4(codes, e)
     assert rows.shape == (n, k // 32 * 17)
-    assert torch.equal(rows.reshape(n, -1, 17)[..., 0], e)
+    assert equal_bits(rows.reshape(n, -1, 17)[..., 0], e)
     value = floatcodes.fp4_to_float(codes).double() * torch.pow(2.0, e.double() - 127).repeat_interleave(32, dim=1)
-    assert torch.equal(deq(rows, T.MXFP4).double(), value)
+    assert equal_bits(deq(rows, T.MXFP4).double(), positive_zeros(value))  # ggml's E2M1 table has no -0
 
 
 def test_nvfp4_block_part_exact():
@@ -127,10 +128,10 @@ def test_nvfp4_block_part_exact():
     assert int(b[0, 0, 4]) == int(codes[0, 0]) | (int(codes[0, 8]) << 4)
     assert int(b[0, 0, 4 + 8]) == int(codes[0, 16]) | (int(codes[0, 24]) << 4)
     value = floatcodes.fp4_to_float(codes).double() * s.double().repeat_interleave(16, dim=1)
-    assert torch.equal(deq(rows, T.NVFP4).double(), value)
+    assert equal_bits(deq(rows, T.NVFP4).double(), positive_zeros(value))  # ggml's E2M1 table has no -0
 
 
 def test_leading_expert_dimension():
     codes, d = _case(1, 8, 64, -8, 7)
     stacked = blocks.q4_0(codes.reshape(2, 4, 64).to(torch.int8), d.reshape(2, 4, 2))
-    assert torch.equal(stacked.reshape(8, -1), blocks.q4_0(codes.to(torch.int8), d))
+    assert equal_bits(stacked.reshape(8, -1), blocks.q4_0(codes.to(torch.int8), d))

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import FIXTURES
 from ct_convert.errors import UnsupportedConversion
-from ct_convert.writers.gguf import vocab
+from ct_convert.targets.gguf import vocab
 from llamacpp_oracle import DATA, FIXTURES as ORACLE_FIXTURES, compare_metadata, fixture_source, read_ours
 
 

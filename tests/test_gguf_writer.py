@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES
+from conftest import FIXTURES, equal_bits, positive_zeros
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
 
@@ -19,6 +19,8 @@ MOE = FIXTURES / "gguf" / "qwen3moe-w4a16"
 LAYER = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
          "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
 
+# float codes with a negative zero, which ggml's integer block values (Q8_0, the E2M1 table) hold as +0
+SIGNLESS_ZERO = {"mxfp4a16", "mxfp6a16", "nvfp4a16"}
 CASES = {  # fixture -> (extra options, GGUF type of every quantized module)
     "w4a16-g128": ((), "Q4_0"),
     "w3a16-g128": ((), "Q4_0"),
@@ -93,9 +95,12 @@ def test_weights_equal_the_library_decompression(cli, tmp_path, name):
         if leaf in ("q_proj", "k_proj"):
             n_head = fields["llama.attention.head_count" if leaf == "q_proj" else "llama.attention.head_count_kv"]
             got = hf_rows(got, n_head)
-        assert torch.equal(got.to(want.dtype), want), module  # the library's own decompression
+        exact = reader.read(module).dequantize(torch.float32)
+        if name in SIGNLESS_ZERO:
+            want, exact = positive_zeros(want), positive_zeros(exact)
+        assert equal_bits(got.to(want.dtype), want), module  # the library's own decompression
         if want_type not in ("NVFP4", "BF16"):  # ggml holds the exact value (q - zp)·s; BF16 only its rounding
-            assert torch.equal(got, reader.read(module).dequantize(torch.float32)), module
+            assert equal_bits(got, exact), module
     expect_fallback = want_type == "BF16"
     assert bool(manifest["fallbacks"]) == expect_fallback
     if expect_fallback:
@@ -114,7 +119,7 @@ def test_rope_permutation_moves_rows_not_values(cli, tmp_path):
     hd = 64
     for r in (0, 1, 2, 63, 64, 65, 127):
         h, i, j = r // hd, (r % hd) // 2, r % 2
-        assert torch.equal(stored[r], ref[h * hd + j * hd // 2 + i]), r
+        assert equal_bits(stored[r], ref[h * hd + j * hd // 2 + i]), r
     assert not torch.equal(stored, ref)
 
 
@@ -135,7 +140,7 @@ def test_qwen3moe_experts_are_stacked(cli, tmp_path):
     for key, want in ref.items():
         name, expert = gguf_tensor_name(key.removesuffix(".weight"))
         got = value(tensors[name], expert)
-        assert torch.equal(got.to(torch.bfloat16), want), key
+        assert equal_bits(got.to(torch.bfloat16), want), key
     assert manifest["modules"]["model.layers.1.mlp.experts.3.down_proj"] == {
         "status": "converted", "tensor": "blk.1.ffn_down_exps.weight", "type": "Q4_0", "expert": 3,
         "verified": {"exact": True, "max_abs_error": 0.0},
@@ -259,7 +264,7 @@ def test_data_level_fallback_is_reported(cli, tmp_path):
 
 def test_scale_not_fp16_exact_falls_back():
     from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
-    from ct_convert.writers.gguf import mapping
+    from ct_convert.targets.gguf import mapping
 
     info = ModuleInfo("m", "pack-quantized", (2, 64), torch.bfloat16, Encoding.INT, WeightScheme(4, "int", True, "group", 32))
     ok = QuantizedWeight(info, scale=torch.full((2, 2), 2.0**-17, dtype=torch.bfloat16))
@@ -270,9 +275,21 @@ def test_scale_not_fp16_exact_falls_back():
     assert "fp16" in mapping.data_reason(big, "Q4_0")
 
 
-def test_inspect_lists_the_gguf_target(cli):
+def test_inspect_lists_the_gguf_target(cli, tmp_path):
     r = cli("inspect", FIXTURES / "fp8-dynamic", "--json")
     mods = r.json()["modules"]
     assert all(m["targets"]["gguf"] is False and "FP8" in m["reasons"]["gguf"] for m in mods)
+    # Q5_0 from bf16 scales: only the scales themselves say whether fp16 holds them
     r = cli("inspect", FIXTURES / "w4a16-asym-g128", "--json")
-    assert all(m["targets"]["gguf"] is True for m in r.json()["modules"])
+    mods = r.json()["modules"]
+    assert mods and all(m["targets"]["gguf"] == "decided at repack" and "fp16" in m["at_repack"]["gguf"] for m in mods)
+    assert all(m["targets"]["gguf"] is True for m in cli("inspect", FIXTURES / "mxfp4a16", "--json").json()["modules"])
+    # what repack refuses for the whole checkpoint, inspect shows for every module
+    src = tmp_path / "gemma"
+    shutil.copytree(FIXTURES / "w4a16-g128", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["Gemma2ForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    for source, words in ((src, "Gemma2ForCausalLM"), (FIXTURES / "moe-w4a16", "norm_topk_prob")):
+        mods = cli("inspect", source, "--json").json()["modules"]
+        assert mods and all(m["targets"]["gguf"] is False and words in m["reasons"]["gguf"] for m in mods)

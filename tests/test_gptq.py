@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import equal_bits
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
-from ct_convert.writers import RepackOptions, writer_for
+from ct_convert.targets import writer_for
+from ct_convert.targets.writer_base import RepackOptions
 
 pack_lib = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -64,13 +66,13 @@ def test_qweight_is_weight_packed_transposed_and_autogptq(bits, n, k, gs):
     qw = random_module(n, k, bits, gs, seed=bits * 100 + n + k)
     out = writer_for("gptq").convert(qw, RepackOptions("gptq"))
     weight_packed = pack_lib.pack_to_int32(qw.codes, bits)  # the library's own packing, [N, K*b/32]
-    assert torch.equal(out["qweight"], weight_packed.t().contiguous())
+    assert equal_bits(out["qweight"], weight_packed.t().contiguous())
     u = qw.codes.to(torch.int64).t() + (1 << (bits - 1))
     ref = stream_pack(u, bits) if bits == 3 else autogptq_pack(u, bits)
-    assert torch.equal(u32(out["qweight"]), ref)
+    assert equal_bits(u32(out["qweight"]), ref)
     assert out["qweight"].shape == (k * bits // 32, n)
-    assert torch.equal(out["g_idx"], (torch.arange(k) // (gs or k)).to(torch.int32))
-    assert out["scales"].dtype == torch.float16 and torch.equal(out["scales"].to(torch.bfloat16), qw.scale.t())
+    assert equal_bits(out["g_idx"], (torch.arange(k) // (gs or k)).to(torch.int32))
+    assert out["scales"].dtype == torch.float16 and equal_bits(out["scales"].to(torch.bfloat16), qw.scale.t())
 
 
 @pytest.mark.parametrize("bits,word", [(2, 0x55555555), (4, 0x77777777), (8, 0x7F7F7F7F)])
@@ -91,7 +93,7 @@ def test_asymmetric_v2_qzeros_are_library_zero_points_transposed(bits):
     qw = random_module(64, 128, bits, 32, seed=bits, asym=True)
     out = writer_for("gptq").convert(qw, RepackOptions("gptq", gptq_format="v2"))
     weight_zero_point = pack_lib.pack_to_int32(qw.zero_point, bits, packed_dim=0)  # [N*b/32, G]
-    assert torch.equal(out["qzeros"], weight_zero_point.t().contiguous())
+    assert equal_bits(out["qzeros"], weight_zero_point.t().contiguous())
 
 
 def test_v1_subtracts_one_and_refuses_unsigned_zero():
@@ -99,7 +101,7 @@ def test_v1_subtracts_one_and_refuses_unsigned_zero():
     qw.zero_point.clamp_(min=-7)
     v1 = writer_for("gptq").convert(qw, RepackOptions("gptq"))
     v2 = writer_for("gptq").convert(qw, RepackOptions("gptq", gptq_format="v2"))
-    assert torch.equal(u32(v2["qzeros"]) - u32(v1["qzeros"]), torch.full_like(u32(v1["qzeros"]), 0x11111111))
+    assert equal_bits(u32(v2["qzeros"]) - u32(v1["qzeros"]), torch.full_like(u32(v1["qzeros"]), 0x11111111))
     qw.zero_point[3, 1] = -8
     with pytest.raises(UnsupportedConversion, match="gptq-format v2|GPTQ v1"):
         writer_for("gptq").convert(qw, RepackOptions("gptq"))
@@ -111,7 +113,7 @@ def test_act_order_g_idx_is_kept():
     g_idx = (torch.randperm(256, generator=torch.Generator().manual_seed(1)) // 128).to(torch.int32)
     qw = module(qw.codes, qw.scale, 4, 128, g_idx=g_idx)
     out = writer_for("gptq").convert(qw, RepackOptions("gptq"))
-    assert torch.equal(out["g_idx"], g_idx)
+    assert equal_bits(out["g_idx"], g_idx)
 
 
 def test_scale_not_exact_in_fp16_is_refused():

@@ -1,6 +1,9 @@
+import json
+
 import pytest
 
 from conftest import FIXTURES, FIXTURE_NAMES, fixture_entry
+from ct_convert.targets import TABLE
 
 REQUIRED = {"schema", "source", "quant_method", "format", "version", "architecture", "modules", "unquantized", "totals"}
 MODULE_KEYS = {"name", "format", "weights", "input_activations", "shape", "sparsity", "targets", "reasons"}
@@ -25,9 +28,15 @@ def test_inspect_json_carries_every_key_with_the_right_facts(cli, name):
     for m in doc["modules"]:
         assert MODULE_KEYS <= set(m)
         assert m["format"] != "mixed-precision"
-        assert m["targets"]["dense"] is True
+        if doc["online_transforms"]:  # repack refuses such a checkpoint for every target
+            assert all(ok is False and "online transform" in m["reasons"][t] for t, ok in m["targets"].items())
+        else:
+            assert m["targets"]["dense"] is True
+        assert set(m["targets"]) == {t.name for t in TABLE if t.inspect}
+        assert all(ok in (True, False, "decided at repack") for ok in m["targets"].values())
         assert set(m["reasons"]) == {t for t, ok in m["targets"].items() if not ok}
-        assert all(isinstance(v, str) and "\n" not in v for v in m["reasons"].values())
+        assert set(m["at_repack"]) == {t for t, ok in m["targets"].items() if ok == "decided at repack"}
+        assert all(isinstance(v, str) and "\n" not in v for v in [*m["reasons"].values(), *m["at_repack"].values()])
         facts = entry["modules"][m["name"]]
         assert m["shape"] == facts["shape"]
         if m["weights"] is not None:
@@ -73,3 +82,25 @@ def test_inspect_a_single_safetensors_file_uses_the_config_beside_it(cli):
 def test_online_transform_is_reported(cli):
     doc = cli("inspect", FIXTURES / "transform-online", "--json").json()
     assert doc["online_transforms"]
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_inspect_and_repack_agree(cli, tmp_path, name):
+    """Both read the target's plan: a module inspect calls convertible is not refused by repack
+    (unless its data decides, as inspect said), and a refusal names a module inspect refused too."""
+    doc = cli("inspect", FIXTURES / name, "--json").json()
+    for t in (t.name for t in TABLE if t.inspect):
+        out = tmp_path / t
+        r = cli("repack", FIXTURES / name, out, "--target", t, "--no-verify", "-q")
+        verdicts = {m["name"]: m["targets"][t] for m in doc["modules"]}
+        if all(v is True for v in verdicts.values()):
+            assert r.code == 0, (t, r.err)
+        if r.code == 0:
+            manifest = json.loads((out / "ct-convert.json").read_text())
+            fallbacks = {f["module"]: f["reason"] for f in manifest["fallbacks"]}
+            for m in doc["modules"]:  # refused by inspect: written as a fallback, for the same reason
+                if verdicts[m["name"]] is False:
+                    assert fallbacks.get(m["name"]) == m["reasons"][t], (t, m["name"])
+        else:
+            named = [m for m in verdicts if r.err.startswith(f"error: {m}:")]
+            assert all(verdicts[m] is not True for m in named), (t, r.err)

@@ -15,7 +15,7 @@ from conftest import FIXTURES
 def written(tmp_path_factory):
     """One repack for the module; each test edits its own copy."""
     from ct_convert.commands.repack import repack
-    from ct_convert.writers import RepackOptions
+    from ct_convert.targets.writer_base import RepackOptions
 
     out = tmp_path_factory.mktemp("written") / "out"
     repack(str(FIXTURES / "w4a16-g128"), out, RepackOptions(target="dense", device="cpu"), revision=None, force=False,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import equal_bits
 from ct_convert import marlin_layout as ml
-from ct_convert.readers.targets.marlin import unpack_marlin
+from ct_convert.targets.marlin.reader import unpack_marlin
 
 pack_lib = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -73,7 +74,7 @@ def test_perm_sanity_values():
 def test_tile_construction_matches_closed_form(bits, shape):
     gen = torch.Generator().manual_seed(hash(shape) % 1000 + bits)
     u = torch.randint(0, 1 << bits, shape, generator=gen)
-    assert torch.equal(as_u32(ml.marlin_weights(u, bits)), closed_form(u, bits))
+    assert equal_bits(as_u32(ml.marlin_weights(u, bits)), closed_form(u, bits))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -86,9 +87,9 @@ def test_gptq_marlin_repack_from_library_packing(bits, shape):
     qweight = pack_lib.pack_to_int32(signed, bits).t().contiguous()
     got = ml.gptq_marlin_repack(qweight, None, k, n, bits)
     u = signed.to(torch.int64).t() + (1 << (bits - 1))
-    assert torch.equal(got, ml.marlin_weights(u, bits))
+    assert equal_bits(got, ml.marlin_weights(u, bits))
     if k * n <= 128 * 256:
-        assert torch.equal(as_u32(got), closed_form(u, bits))
+        assert equal_bits(as_u32(got), closed_form(u, bits))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -99,9 +100,9 @@ def test_from_stream_equals_the_tile_construction(shape):
     signed = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     got = ml.marlin_weights_from_stream(pack_lib.pack_to_int32(signed, 4))
     u = signed.to(torch.int64).t() + 8
-    assert torch.equal(got, ml.marlin_weights(u, 4))
+    assert equal_bits(got, ml.marlin_weights(u, 4))
     if k * n <= 128 * 256:
-        assert torch.equal(as_u32(got), closed_form(u, 4))
+        assert equal_bits(as_u32(got), closed_form(u, 4))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -111,11 +112,11 @@ def test_act_order_repack_equals_reference_on_permuted_rows(bits):
     u = torch.randint(0, 1 << bits, (k, n), generator=gen)
     g_idx = (torch.randperm(k, generator=gen) // gs).to(torch.int32)
     g_sorted, sort_idx = ml.sort_g_idx(g_idx)
-    assert torch.equal(g_sorted, torch.sort(g_idx).values)
-    assert torch.equal(g_idx[sort_idx.long()], g_sorted)
+    assert equal_bits(g_sorted, torch.sort(g_idx).values)
+    assert equal_bits(g_idx[sort_idx.long()], g_sorted)
     qweight = pack_lib.pack_to_int32((u - (1 << (bits - 1))).t().to(torch.int8), bits).t().contiguous()
     got = ml.gptq_marlin_repack(qweight, sort_idx, k, n, bits)
-    assert torch.equal(as_u32(got), closed_form(u[sort_idx.long()], bits))
+    assert equal_bits(as_u32(got), closed_form(u[sort_idx.long()], bits))
 
 
 def test_awq_marlin_repack_equals_gptq_marlin_repack():
@@ -129,7 +130,7 @@ def test_awq_marlin_repack_equals_gptq_marlin_repack():
         for i in range(8):
             awq[:, c] |= u[:, 8 * c + order[i]] << (4 * i)
     awq = torch.where(awq >= 2**31, awq - 2**32, awq).to(torch.int32)
-    assert torch.equal(ml.awq_marlin_repack(awq, k, n, 4), ml.marlin_weights(u, 4))
+    assert equal_bits(ml.awq_marlin_repack(awq, k, n, 4), ml.marlin_weights(u, 4))
 
 
 def test_scale_permutations_match_spec_lists():
@@ -146,12 +147,12 @@ def test_marlin_permute_scales_grouped_single_and_gs_equal_k():
     got = ml.marlin_permute_scales(s, 384, n, 128)
     for p in range(n):  # grouped: new 8i+j of each 64-block takes old i+8j
         blk, q = divmod(p, 64)
-        assert torch.equal(got[:, p], s[:, 64 * blk + q // 8 + 8 * (q % 8)])
+        assert equal_bits(got[:, p], s[:, 64 * blk + q // 8 + 8 * (q % 8)])
     one = s[:1]
     single = [0, 1, 8, 9, 16, 17, 24, 25]
     expect = torch.stack([one[0, 32 * (p // 32) + 2 * ((p % 32) // 8) + single[p % 8]] for p in range(n)])
-    assert torch.equal(ml.marlin_permute_scales(one, 128, n, -1)[0], expect)
-    assert torch.equal(ml.marlin_permute_scales(one, 128, n, 128)[0], expect)  # gs == K: channel-wise
+    assert equal_bits(ml.marlin_permute_scales(one, 128, n, -1)[0], expect)
+    assert equal_bits(ml.marlin_permute_scales(one, 128, n, 128)[0], expect)  # gs == K: channel-wise
 
 
 @pytest.mark.parametrize("g,n", [(1, 64), (3, 128), (2, 256)])
@@ -174,14 +175,14 @@ def test_marlin_zero_points_closed_form(g, n):
         for i in range(8):
             awq[:, c] |= z[:, 8 * c + il[i]] << (4 * i)
     awq = torch.where(awq >= 2**31, awq - 2**32, awq).to(torch.int32)
-    assert torch.equal(as_u32(ml.awq_to_marlin_zero_points(awq, 128, n, 4)), got)
+    assert equal_bits(as_u32(ml.awq_to_marlin_zero_points(awq, 128, n, 4)), got)
 
 
 @pytest.mark.parametrize("shape", [(128, 256), (256, 512), (16, 64)])
 def test_reader_inverts_layout(shape):
     gen = torch.Generator().manual_seed(shape[0])
     u = torch.randint(0, 16, shape, generator=gen)
-    assert torch.equal(unpack_marlin(ml.marlin_weights(u, 4)), u)
+    assert equal_bits(unpack_marlin(ml.marlin_weights(u, 4)), u.to(torch.uint8))
 
 
 def test_pack_lsb_matches_library_packing():
@@ -189,7 +190,7 @@ def test_pack_lsb_matches_library_packing():
     for bits in (2, 4, 8):
         signed = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, 64), generator=gen, dtype=torch.int8)
         u = (signed.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-        assert torch.equal(ml.pack_lsb(u, bits), pack_lib.pack_to_int32(signed, bits))
+        assert equal_bits(ml.pack_lsb(u, bits), pack_lib.pack_to_int32(signed, bits))
 
 
 def test_shape_errors():

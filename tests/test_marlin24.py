@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import equal_bits
 from ct_convert.errors import InputError
 from ct_convert.readers import config as cfg
 from ct_convert.readers.formats import marlin24
@@ -109,7 +110,7 @@ def random_scales(n: int, g: int, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_permutation_matches_library(bits):
     perm, scale_perm, _ = lib_perm.get_permutations_24(bits)
-    assert torch.equal(marlin24.weight_perm_24(bits), perm.to(torch.int64))
+    assert equal_bits(marlin24.weight_perm_24(bits), perm.to(torch.int64))
     assert list(marlin24._SCALE_PERM) == list(scale_perm)
 
 
@@ -147,11 +148,11 @@ def test_round_trip(tmp_path, bits, n, k, strategy, gs):
 
     qw = dec.decode(mt, info)
     assert qw.codes.dtype == torch.int8
-    assert torch.equal(qw.codes, q)
+    assert equal_bits(qw.codes, q)
     assert qw.scale.dtype == torch.float16 and qw.scale.shape == (n, g)
-    assert torch.equal(qw.scale, scale)
+    assert equal_bits(qw.scale, scale)
     expect = (q.to(torch.float32) * scale.to(torch.float32).repeat_interleave(k // g, dim=1)[:, :k]).to(torch.float16)
-    assert torch.equal(qw.dequantize(), expect)
+    assert equal_bits(qw.dequantize(), expect)
 
 
 def test_scale_quirk_is_exercised():
@@ -161,7 +162,7 @@ def test_scale_quirk_is_exercised():
         q = random_24(64, k, 4, gen)
         scale = random_scales(64, k // 128, gen)
         stored = encode(q, scale, 4, "group", 128)["scale_packed"]
-        assert torch.equal(stored, scale.t()) is not permuted
+        assert equal_bits(stored, scale.t()) is not permuted
         assert marlin24.grouped_scale_perm("group", 128, k) is permuted
 
 
@@ -172,8 +173,8 @@ def test_expand_matches_library_decoder():
     comp, meta = lib_conv.sparse_semi_structured_from_dense_cutlass(q.to(torch.float16))
     ref = lib_conv.sparse_semi_structured_to_dense_cutlass(comp, meta)
     ours = marlin24.expand_24(comp.to(torch.int8), meta, 128, 256)
-    assert torch.equal(ours.to(torch.float16), ref)
-    assert torch.equal(ours, q)
+    assert equal_bits(ours.to(torch.float16), ref)
+    assert equal_bits(ours, q)
 
 
 def _good(tmp_path, bits=4, n=64, k=256, strategy="group", gs=128):
@@ -288,6 +289,6 @@ def test_real_fixture(folder):
         w = dec.decode(mt, info).dequantize()
         ref = reference[f"{mod}.weight"]
         assert w.shape == ref.shape, mod
-        assert torch.equal(w, ref.to(w.dtype)), mod
+        assert equal_bits(w, ref.to(w.dtype)), mod
         checked += 1
     assert checked, f"{folder}: reference.safetensors holds none of the marlin-24 modules"

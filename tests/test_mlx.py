@@ -19,11 +19,11 @@ import mlx_models
 from conftest import FIXTURE_NAMES, FIXTURES, fixture_entry
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
 from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.readers.targets import open_output
 from ct_convert.source import resolve
 from ct_convert.targets.mlx.encode import Params, choose, e2m3_to_e4m3_bytes, encode
-from ct_convert.targets.mlx.reader import unpack_codes
-from ct_convert.writers import RepackOptions, writer_for
+from ct_convert.targets import open_output, writer_for
+from ct_convert.targets.mlx.reader import MLXOutput, unpack_codes
+from ct_convert.targets.writer_base import RepackOptions
 
 ACCEPTED = {
     "w4a16-g128", "w4a16-sharded", "marlin-ok-w4a16", "moe-w4a16", "legacy-0.14-marlin24", "legacy-0.8.1-marlin24",
@@ -213,7 +213,7 @@ def test_every_module_kept_dense_is_still_read_back_as_mlx(cli, tmp_path):
     summary = repack(cli, FIXTURES / "w4a16-asym-g128", out, "--keep-unsupported", "dense")
     assert summary["converted"] == 0 and summary["verified"]
     assert "quantization" not in json.loads((out / "config.json").read_text())
-    assert open_output(out).kind == "mlx"
+    assert isinstance(open_output(out), MLXOutput)
 
 
 def test_mixed_parameters_get_per_layer_entries(cli, tmp_path):

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
-from ct_convert.readers.targets import open_output
+from ct_convert.targets import open_output
+from ct_convert.targets.modelopt.reader import ModelOptOutput
 
 helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -73,7 +74,7 @@ def test_w4a16_g128_to_w4a16_awq(cli, tmp_path):
     for t in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", f"{L0}.input_layernorm.weight"):
         assert torch.equal(out[t], src[t]), t
     assert (tmp_path / "o" / "generation_config.json").read_bytes() == (FIXTURES / "w4a16-g128" / "generation_config.json").read_bytes()
-    assert open_output(tmp_path / "o").kind == "trtllm"
+    assert isinstance(open_output(tmp_path / "o"), ModelOptOutput)
 
 
 def test_fp8_static_to_fp8_with_kv_cache(cli, tmp_path):

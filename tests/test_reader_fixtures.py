@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, FIXTURE_NAMES, fixture_entry
+from conftest import FIXTURES, FIXTURE_NAMES, equal_bits, fixture_entry
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
 
@@ -23,7 +23,7 @@ def test_dequantized_weights_equal_library_reference(name):
         want = ref[f"{module}.weight"]
         got = reader.read(module).dequantize(want.dtype)
         assert got.shape == want.shape, module
-        assert torch.equal(got, want), f"{module}: max diff {(got.float() - want.float()).abs().max()}"
+        assert equal_bits(got, want), f"{module}: max diff {(got.float() - want.float()).abs().max()}"
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -61,7 +61,7 @@ def test_old_three_bit_files_that_the_current_library_misreads(name):
     library_codes = unpack_from_int32(packed, 3, torch.Size(info.shape))
     ours = reader.read(module)
     assert not torch.equal(library_codes, ours.codes)
-    assert torch.equal(ours.dequantize(ref[f"{module}.weight"].dtype), ref[f"{module}.weight"])
+    assert equal_bits(ours.dequantize(ref[f"{module}.weight"].dtype), ref[f"{module}.weight"])
 
 
 def test_symmetric_codes_use_the_full_range_including_minus_eight():
@@ -93,7 +93,7 @@ def test_cross_shard_dependencies_resolve():
     ]
     assert split, "the fixture should hold a module whose tensors live in different shards"
     ref = load_file(FIXTURES / "w4a16-sharded" / "reference.safetensors")
-    assert torch.equal(reader.read(split[0]).dequantize(), ref[f"{split[0]}.weight"])
+    assert equal_bits(reader.read(split[0]).dequantize(), ref[f"{split[0]}.weight"])
 
 
 def test_online_transform_is_detected():

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import equal_bits
 from ct_convert.cli import app
 from ct_convert.errors import UnsupportedConversion
 
@@ -170,7 +171,7 @@ def test_gptq_qweight_is_weight_packed_transposed(tmp_path, name):
     mods = [k.removesuffix(".weight_packed") for k in src if k.endswith(".weight_packed")]
     assert mods
     for m in mods:
-        assert torch.equal(got[f"{m}.qweight"], src[f"{m}.weight_packed"].t())
+        assert equal_bits(got[f"{m}.qweight"], src[f"{m}.weight_packed"].t())
 
 
 def test_marlin_output_matches_library_codes(tmp_path):
@@ -185,9 +186,9 @@ def test_marlin_output_matches_library_codes(tmp_path):
     m = "model.layers.0.mlp.down_proj"
     n, k = src[f"{m}.weight_shape"].tolist()
     codes = pack_lib.unpack_from_int32(src[f"{m}.weight_packed"], 4, torch.Size([n, k]))
-    assert torch.equal(got[f"{m}.B"], marlin_weights((codes.to(torch.int16) + 8).t(), 4))
+    assert equal_bits(got[f"{m}.B"], marlin_weights((codes.to(torch.int16) + 8).t(), 4))
     scales = src[f"{m}.weight_scale"].t().to(torch.float16)
-    assert torch.equal(got[f"{m}.s"], marlin_permute_scales(scales, k, n, 128))
+    assert equal_bits(got[f"{m}.s"], marlin_permute_scales(scales, k, n, 128))
     assert got[f"{m}.B"].shape == (k // 16, 2 * n)
 
 

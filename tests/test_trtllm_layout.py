@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ct_convert.readers.targets.trtllm import undo_mixed_gemm
-from ct_convert.writers.trtllm.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
+from conftest import equal_bits
+from ct_convert.targets.trtllm_legacy.reader import undo_mixed_gemm
+from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
 
 
 def spec_pattern(k: int, n: int) -> torch.Tensor:
@@ -30,7 +31,7 @@ def test_spec_vectors_int4():
     assert hexbytes(sm90, 32, 40) == "80 80 d5 d5 2a 2a 7f 7f"
     # first difference between the two layouts is at byte 32
     a, b = sm80.view(torch.uint8).reshape(-1), sm90.view(torch.uint8).reshape(-1)
-    assert torch.equal(a[:32], b[:32]) and not torch.equal(a[32:40], b[32:40])
+    assert equal_bits(a[:32], b[:32]) and not torch.equal(a[32:40], b[32:40])
 
 
 def test_spec_vector_int8():
@@ -93,14 +94,14 @@ def test_reader_undoes_the_layout(bits, sm):
     g = torch.Generator().manual_seed(bits + sm)
     lo, hi = (-8, 8) if bits == 4 else (-128, 128)
     s = torch.randint(lo, hi, (k, n), generator=g, dtype=torch.int8)
-    assert torch.equal(undo_mixed_gemm(preprocess_weights_for_mixed_gemm(s, bits, sm), k, n, bits, sm), s)
+    assert equal_bits(undo_mixed_gemm(preprocess_weights_for_mixed_gemm(s, bits, sm), k, n, bits, sm), s)
 
 
 def test_sm_layouts_differ_and_are_not_interchangeable():
     s = torch.randint(-8, 8, (128, 64), generator=torch.Generator().manual_seed(3), dtype=torch.int8)
     b80 = preprocess_weights_for_mixed_gemm(s, 4, 80)
-    assert torch.equal(b80, preprocess_weights_for_mixed_gemm(s, 4, 100))  # Blackwell 2-D weights use sm80
-    assert torch.equal(b80, preprocess_weights_for_mixed_gemm(s, 4, 89))
+    assert equal_bits(b80, preprocess_weights_for_mixed_gemm(s, 4, 100))  # Blackwell 2-D weights use sm80
+    assert equal_bits(b80, preprocess_weights_for_mixed_gemm(s, 4, 89))
     assert not torch.equal(b80, preprocess_weights_for_mixed_gemm(s, 4, 90))
     assert not torch.equal(undo_mixed_gemm(b80, 128, 64, 4, 90), s)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES
+from conftest import FIXTURES, equal_bits
 from test_trtllm_layout import reference_bytes
-from ct_convert.readers.targets import open_output
+from ct_convert.targets import open_output
 
 helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
@@ -65,13 +65,13 @@ def test_w4a16_g128_to_w4a16_awq(cli, tmp_path):
         u = (s.to(torch.int32) & 0xF)
         want = (u[0::2] | (u[1::2] << 4)).to(torch.uint8).view(torch.int8)
         name = f"transformer.layers.0.{trt}"
-        assert torch.equal(rank[f"{name}.weight"], want), trt
-        assert torch.equal(rank[f"{name}.weights_scaling_factor"], fused(src, trt, lambda m: src[f"{m}.weight_scale"]))
-        assert torch.equal(rank[f"{name}.prequant_scaling_factor"], torch.ones(k, dtype=torch.bfloat16))
-    assert torch.equal(rank["transformer.vocab_embedding.weight"], src["model.embed_tokens.weight"])
-    assert torch.equal(rank["transformer.layers.0.post_layernorm.weight"], src["model.layers.0.post_attention_layernorm.weight"])
-    assert torch.equal(rank["transformer.ln_f.weight"], src["model.norm.weight"])
-    assert torch.equal(rank["lm_head.weight"], src["lm_head.weight"])
+        assert equal_bits(rank[f"{name}.weight"], want), trt
+        assert equal_bits(rank[f"{name}.weights_scaling_factor"], fused(src, trt, lambda m: src[f"{m}.weight_scale"]))
+        assert equal_bits(rank[f"{name}.prequant_scaling_factor"], torch.ones(k, dtype=torch.bfloat16))
+    assert equal_bits(rank["transformer.vocab_embedding.weight"], src["model.embed_tokens.weight"])
+    assert equal_bits(rank["transformer.layers.0.post_layernorm.weight"], src["model.layers.0.post_attention_layernorm.weight"])
+    assert equal_bits(rank["transformer.ln_f.weight"], src["model.norm.weight"])
+    assert equal_bits(rank["lm_head.weight"], src["lm_head.weight"])
     assert (tmp_path / "o" / "generation_config.json").read_bytes() == (FIXTURES / "w4a16-g128" / "generation_config.json").read_bytes()
     assert cfg["architecture"] == "LlamaForCausalLM" and cfg["num_key_value_heads"] == 2 and cfg["head_size"] == 64
     assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1} and cfg["rotary_base"] == 10000.0
@@ -92,8 +92,9 @@ def test_w4a16_asym_g128_to_w4a16_gptq(cli, tmp_path, sm):
         w = rank[f"{name}.weight"]
         assert w.dtype == torch.bfloat16 and w.shape == (k, n // 4)
         assert w.contiguous().view(torch.uint8).numpy().tobytes() == reference_bytes(s.t().contiguous(), 4, sm), trt
-        assert torch.equal(rank[f"{name}.weights_scaling_factor"], scale.t())
-        # TensorRT-LLM's converters: zero = (8 - z) * scale, an int x bfloat16 torch product
+        assert equal_bits(rank[f"{name}.weights_scaling_factor"], scale.t())
+        # TensorRT-LLM's converters: zero = (8 - z) * scale, an int x bfloat16 torch product (compared by
+        # value: the writer gives -0.0 where 8 - z = 0, and the converter +0.0)
         assert torch.equal(rank[f"{name}.zero"], ((8 - z_unsigned) * scale).t())
 
 
@@ -106,7 +107,7 @@ def test_gptq_output_dequantizes_to_the_library_reference(cli, tmp_path):
     rd = open_output(out)
     for module, want in ref.items():
         got = rd.dequantize(module.removesuffix(".weight"))
-        assert got.dtype == torch.float32 and torch.equal(got.to(torch.bfloat16), want), module
+        assert got.dtype == torch.float32 and equal_bits(got.to(torch.bfloat16), want), module
 
 
 @pytest.mark.parametrize("sm", [80, 90])
@@ -119,7 +120,7 @@ def test_w4a16_channel_to_w4a16(cli, tmp_path, sm):
         name = f"transformer.layers.0.{trt}"
         assert rank[f"{name}.weight"].dtype == torch.int8
         assert rank[f"{name}.weight"].numpy().tobytes() == reference_bytes(s.t().contiguous(), 4, sm), trt
-        assert torch.equal(rank[f"{name}.per_channel_scale"], fused(src, trt, lambda m: src[f"{m}.weight_scale"]).reshape(-1))
+        assert equal_bits(rank[f"{name}.per_channel_scale"], fused(src, trt, lambda m: src[f"{m}.weight_scale"]).reshape(-1))
 
 
 def _edit_fixture(tmp_path: Path, name: str, edit_config=None, edit_tensors=None) -> Path:
@@ -149,7 +150,7 @@ def test_int8_channel_weight_only_to_w8a16(cli, tmp_path):
         s = fused(src, trt, lambda m: src[f"{m}.weight"])
         name = f"transformer.layers.0.{trt}"
         assert rank[f"{name}.weight"].numpy().tobytes() == reference_bytes(s.t().contiguous(), 8, 80), trt
-        assert torch.equal(rank[f"{name}.per_channel_scale"], fused(src, trt, lambda m: src[f"{m}.weight_scale"]).reshape(-1))
+        assert equal_bits(rank[f"{name}.per_channel_scale"], fused(src, trt, lambda m: src[f"{m}.weight_scale"]).reshape(-1))
 
 
 def test_w8a8_dynamic_activations_are_refused(cli, tmp_path):
@@ -175,13 +176,13 @@ def test_fp8_static_with_equal_fused_scales_to_fp8(cli, tmp_path):
         name = f"transformer.layers.0.{trt}"
         w = rank[f"{name}.weight"]
         assert w.dtype == torch.float8_e4m3fn
-        assert torch.equal(w.view(torch.uint8), fused(src, trt, lambda m: src[f"{m}.weight"]).view(torch.uint8))
+        assert equal_bits(w.view(torch.uint8), fused(src, trt, lambda m: src[f"{m}.weight"]).view(torch.uint8))
         first = f"model.layers.0.{parts[0]}"
         assert rank[f"{name}.weights_scaling_factor"].dtype == torch.float32
-        assert torch.equal(rank[f"{name}.weights_scaling_factor"], src[f"{first}.weight_scale"].float().reshape(1))
-        assert torch.equal(rank[f"{name}.activation_scaling_factor"], src[f"{first}.input_scale"].float().reshape(1))
+        assert equal_bits(rank[f"{name}.weights_scaling_factor"], src[f"{first}.weight_scale"].float().reshape(1))
+        assert equal_bits(rank[f"{name}.activation_scaling_factor"], src[f"{first}.input_scale"].float().reshape(1))
     kv = torch.maximum(src["model.layers.0.self_attn.k_scale"].float(), src["model.layers.0.self_attn.v_scale"].float())
-    assert torch.equal(rank["transformer.layers.0.attention.kv_cache_scaling_factor"], kv.reshape(1))
+    assert equal_bits(rank["transformer.layers.0.attention.kv_cache_scaling_factor"], kv.reshape(1))
     notes = json.loads((tmp_path / "o" / "ct-convert.json").read_text())["notes"]
     assert any("fused q/k/v" in n for n in notes) and any("kv_cache_scaling_factor" in n for n in notes)
 
@@ -196,7 +197,7 @@ def test_fp8_static_different_qkv_scales_refused_or_kept_dense(cli, tmp_path):
     assert rank["transformer.layers.0.mlp.proj.weight"].dtype == torch.float8_e4m3fn
     ref = load_file(FIXTURES / "fp8-static" / "reference.safetensors")
     q = torch.cat([ref[f"model.layers.0.self_attn.{p}.weight"] for p in QKV])
-    assert torch.equal(rank["transformer.layers.0.attention.qkv.weight"], q)
+    assert equal_bits(rank["transformer.layers.0.attention.qkv.weight"], q)
 
 
 @pytest.mark.parametrize(
@@ -223,8 +224,8 @@ def test_keep_unsupported_dense_writes_a_float_checkpoint(cli, tmp_path):
     cfg, (rank,) = repack(cli, FIXTURES / "nvfp4a16", tmp_path / "o", "--keep-unsupported", "dense")
     assert cfg["quantization"]["quant_algo"] is None and cfg["quantization"]["exclude_modules"] is None
     ref = load_file(FIXTURES / "nvfp4a16" / "reference.safetensors")
-    assert torch.equal(rank["transformer.layers.0.mlp.fc.weight"], ref["model.layers.0.mlp.gate_proj.weight"])
-    assert torch.equal(rank["transformer.layers.0.mlp.gate.weight"], ref["model.layers.0.mlp.up_proj.weight"])
+    assert equal_bits(rank["transformer.layers.0.mlp.fc.weight"], ref["model.layers.0.mlp.gate_proj.weight"])
+    assert equal_bits(rank["transformer.layers.0.mlp.gate.weight"], ref["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_verify_command_reads_the_output(cli, tmp_path):

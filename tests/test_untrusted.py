@@ -283,7 +283,7 @@ def test_running_out_of_descriptors_mid_run_leaves_nothing(cli, tmp_path, monkey
 
 
 def test_unexpected_error_names_the_file_and_how_to_report_it(cli, tmp_path, monkeypatch):
-    from ct_convert.writers.dense import DenseWriter
+    from ct_convert.targets.dense.writer import Writer as DenseWriter
 
     def bug(self, qw, opts):
         raise ZeroDivisionError("a bug\nspanning lines")

@@ -61,7 +61,7 @@ def test_manifest_records_sha256_and_size_of_every_file(cli, tmp_path):
 
 
 def test_repack_refuses_to_commit_an_output_that_fails_verification(cli, tmp_path, monkeypatch):
-    from ct_convert.writers.dense import DenseWriter
+    from ct_convert.targets.dense.writer import DenseWriter
 
     real = DenseWriter.convert
 

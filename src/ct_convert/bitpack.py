@@ -18,6 +18,10 @@ import torch
 STREAM = "stream"
 WORDS = "words"
 
+# FasterTransformer's register interleave: slot i of each group of 8 (4-bit) or 4 (8-bit) values holds
+# value INTERLEAVE[b][i]. AutoAWQ's nibble order, the Marlin layouts and TensorRT-LLM's mixed GEMM use it.
+INTERLEAVE = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
+
 
 def packed_width(count: int, bits: int, layout: str = STREAM) -> int:
     if layout == STREAM or 32 % bits == 0:

@@ -13,6 +13,7 @@ import typer
 
 from ct_convert import __version__, console
 from ct_convert.errors import CTConvertError, file_being_read
+from ct_convert.targets import TABLE, spec
 
 app = typer.Typer(
     name="ct-convert",
@@ -25,16 +26,13 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-class Target(str, Enum):
-    dense = "dense"
-    awq = "awq"
-    gptq = "gptq"
-    marlin = "marlin"
-    trtllm = "trtllm"
-    modelopt = "modelopt"  # alias of trtllm: the ModelOpt checkpoint is what vLLM and SGLang load too
-    trtllm_legacy = "trtllm-legacy"
-    gguf = "gguf"
-    mlx = "mlx"
+# --target choices: every name and alias in the target table
+Target = Enum("Target", [(n, n) for t in TABLE for n in (t.name, *t.aliases)], type=str)
+
+
+def _takes(option: str) -> str:
+    """The targets that read a target-specific option, for its help."""
+    return ", ".join(t.name for t in TABLE if option in t.options)
 
 
 class DType(str, Enum):
@@ -108,12 +106,12 @@ def repack(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Re-read the output and compare it with the source."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Modules converted in parallel (default: number of cores)."),
     keep_unsupported: Optional[Keep] = typer.Option(None, "--keep-unsupported", help="Write modules the target cannot hold dequantized (dense) instead of refusing."),
-    gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help="GPTQ checkpoint format (gptq target)."),
-    tp_size: int = typer.Option(1, "--tp-size", min=1, help="Tensor-parallel ranks (trtllm-legacy target)."),
-    sm: Optional[int] = typer.Option(None, "--sm", help="GPU architecture 80, 89, 90 or 100 (trtllm-legacy W4A16_GPTQ)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target) or of an inexact NVFP4 activation scale (modelopt target)."),
-    vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Take the vocabulary from this GGUF file (gguf target)."),
-    nvfp4: bool = typer.Option(False, "--nvfp4", help="Write NVFP4 weights as GGUF NVFP4 (gguf target)."),
+    gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help=f"GPTQ checkpoint format ({_takes('gptq_format')} target)."),
+    tp_size: int = typer.Option(1, "--tp-size", min=1, help=f"Tensor-parallel ranks ({_takes('tp_size')} target)."),
+    sm: Optional[int] = typer.Option(None, "--sm", help=f"GPU architecture 80, 89, 90 or 100 ({_takes('sm')} W4A16_GPTQ)."),
+    strict: bool = typer.Option(False, "--strict", help=f"Refuse instead of writing a fallback: BF16/F32 tensors, an inexact NVFP4 activation scale ({_takes('strict')} targets)."),
+    vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help=f"Take the vocabulary from this GGUF file ({_takes('vocab_from')} target)."),
+    nvfp4: bool = typer.Option(False, "--nvfp4", help=f"Write NVFP4 weights as GGUF NVFP4 ({_takes('nvfp4')} target)."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -122,10 +120,9 @@ def repack(
     """Rewrite a compressed-tensors checkpoint into another engine's layout."""
     _state["debug"] = debug
     from ct_convert.commands.repack import repack as run
-    from ct_convert.cuda import resolve_device
+    from ct_convert.device import resolve_device
     from ct_convert.safetensors_out import parse_size
-    from ct_convert.writers import RepackOptions
-    from ct_convert.writers.base import DTYPES
+    from ct_convert.targets.writer_base import DTYPES, RepackOptions
 
     try:
         shard_bytes = parse_size(max_shard_size)
@@ -134,7 +131,7 @@ def repack(
     if sm is not None and sm not in (80, 89, 90, 100):
         raise CTConvertError(f"--sm {sm}: choose one of 80, 89, 90, 100")
     opts = RepackOptions(
-        target="trtllm" if target is Target.modelopt else target.value,
+        target=spec(target.value).name,
         dtype=DTYPES[dtype.value] if dtype else None,
         device=resolve_device(device.value),
         max_shard_size=shard_bytes,

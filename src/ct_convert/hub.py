@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from ct_convert import jsonfile
@@ -81,7 +82,25 @@ def _bounded(what: str, fn, *args):
     return done["value"]
 
 
-def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
+@dataclass
+class Snapshot:
+    """A repo's files on disk (cached or just downloaded)."""
+
+    folder: Path
+    boundary: Path  # where its symlinks may point: the repo's cache folder
+    revision: str | None  # the commit the snapshot holds
+
+
+@dataclass
+class RemoteHeaders:
+    """A repo not downloaded: its config.json and its tensors' headers, at one commit."""
+
+    store: "RemoteStore"
+    config: dict
+    revision: str  # the commit every read asks for
+
+
+def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool) -> Snapshot | RemoteHeaders:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         LocalEntryNotFoundError,
@@ -90,14 +109,12 @@ def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
         RevisionNotFoundError,
     )
 
-    from ct_convert.source import _local
-
     # its retry warnings would add lines to ours; what finally failed is in our one-line error
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=True, ignore_patterns=IGNORE)
         if any(Path(folder).glob("*.safetensors")):
-            return _with_revision(_local(repo_id, Path(folder), _cache_repo(folder)), revision, folder)
+            return _snapshot(folder, revision)
     except LocalEntryNotFoundError:
         pass
     if _offline():
@@ -119,19 +136,15 @@ def resolve_repo(repo_id: str, revision: str | None, *, headers_only: bool):
     except _client_errors() as e:
         raise InputError(f"{repo_id}: cannot fetch from the Hugging Face Hub: {_summary(e)}",
                          hint="Check the network, or set HF_HUB_OFFLINE=1 to use the cache only.") from None
-    return _with_revision(_local(repo_id, Path(folder), _cache_repo(folder)), revision, folder)
+    return _snapshot(folder, revision)
 
 
-def _cache_repo(snapshot: str) -> Path:
-    """snapshots/<sha>/ files are symlinks into the repo's blobs/: trust that repo folder, no further."""
-    p = Path(snapshot)
-    return p.parent.parent if p.parent.name == "snapshots" else p
-
-
-def _with_revision(ckpt, revision: str | None, folder: str):
+def _snapshot(folder: str, revision: str | None) -> Snapshot:
+    p = Path(folder)
+    # snapshots/<sha>/ files are symlinks into the repo's blobs/: trust that repo folder, no further
+    boundary = p.parent.parent if p.parent.name == "snapshots" else p
     # a snapshot folder is named by its commit hash: record it, whatever ref the user gave
-    ckpt.revision = Path(folder).name or revision
-    return ckpt
+    return Snapshot(p, boundary, p.name or revision)
 
 
 class RemoteStore(HeaderIndex):
@@ -193,10 +206,8 @@ class RemoteStore(HeaderIndex):
         pass
 
 
-def _remote_headers(repo_id: str, revision: str | None):
+def _remote_headers(repo_id: str, revision: str | None) -> RemoteHeaders:
     from huggingface_hub import hf_hub_download
-
-    from ct_convert.source import Checkpoint
 
     config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
     # the cache keeps files under snapshots/<commit>/: every later read asks for that same commit,
@@ -205,5 +216,4 @@ def _remote_headers(repo_id: str, revision: str | None):
     config = jsonfile.parse(config_path.read_bytes(), f"{repo_id}/config.json")
     if not isinstance(config, dict):
         raise InputError(f"{repo_id}/config.json: expected a JSON object")
-    store = RemoteStore(repo_id, commit)
-    return Checkpoint(repo_id, store.root, config, None, store, None, revision=commit, weight_files=[])
+    return RemoteHeaders(RemoteStore(repo_id, commit), config, commit)

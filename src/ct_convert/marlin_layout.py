@@ -15,12 +15,11 @@ from functools import lru_cache
 import torch
 
 from ct_convert import bitpack
+from ct_convert.bitpack import INTERLEAVE
 
 TILE = 16  # rows and columns of one tensor-core tile
 CHUNK = 1024  # values per 16x64 Marlin tile: the span of the weight permutation
 _LOW_NIBBLES, _HIGH_NIBBLES = 0x0F0F0F0F, 0xF0F0F0F0 - (1 << 32)  # int32 masks
-# FasterTransformer register interleave applied to each packed word (also AutoAWQ's nibble order)
-INTERLEAVE = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
 
 
 @lru_cache(maxsize=None)

@@ -66,7 +66,6 @@ class ModuleInfo:
     tensors: dict[str, str] = field(default_factory=dict)  # parameter suffix -> checkpoint tensor name
     sparsity: str | None = None  # "2:4" / "unstructured" when the source stored it sparse
     input_activations: dict | None = None  # the config's input_activations args, as JSON
-    group: str | None = None  # the config group that matched
     layout: str | None = None  # pack-quantized bit layout ("stream" / "words") when it matters
 
     @property

@@ -1,4 +1,4 @@
-"""Resolve SOURCE (a folder, a .safetensors file, or a Hugging Face repo id) into a Checkpoint."""
+"""Resolve SOURCE (a folder, a .safetensors file, or a Hugging Face repo id) into its SourceFiles."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ct_convert import jsonfile
+from ct_convert import hub, jsonfile
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
 from ct_convert.regular_files import require_regular
@@ -20,7 +20,9 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
-class Checkpoint:
+class SourceFiles:
+    """What SOURCE resolved to: its folder, config.json and tensors, and the files beside them."""
+
     source: str  # as the user gave it
     root: Path
     config: dict  # the whole config.json (or {} when only safetensors metadata exists)
@@ -64,20 +66,23 @@ class Checkpoint:
         return out
 
 
-def resolve(source: str, revision: str | None = None, *, headers_only: bool = False) -> Checkpoint:
+def resolve(source: str, revision: str | None = None, *, headers_only: bool = False) -> SourceFiles:
     path = Path(source).expanduser()
     if path.exists():
         if revision:
             raise InputError(f"{source}: --revision applies to Hugging Face repo ids, not local paths")
         return _local(source, path)
     if REPO_ID.match(source):
-        from ct_convert.hub import resolve_repo
-
-        return resolve_repo(source, revision, headers_only=headers_only)
+        found = hub.resolve_repo(source, revision, headers_only=headers_only)
+        if isinstance(found, hub.RemoteHeaders):
+            return SourceFiles(source, found.store.root, found.config, None, found.store, None, revision=found.revision, weight_files=[])
+        files = _local(source, found.folder, found.boundary)
+        files.revision = found.revision
+        return files
     raise InputError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
 
 
-def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
+def _local(source: str, path: Path, boundary: Path | None = None) -> SourceFiles:
     if not path.is_dir():
         require_regular(path)
     if path.is_file():
@@ -111,7 +116,7 @@ def _local(source: str, path: Path, boundary: Path | None = None) -> Checkpoint:
                 f"{root}: no config.json, and the safetensors metadata holds no quantization_config",
                 hint="Put the model's config.json beside the weights.",
             )
-    return Checkpoint(
+    return SourceFiles(
         source, root, config, config_file, store, index, weight_files=files, boundary=boundary, single_file=path.is_file()
     )
 

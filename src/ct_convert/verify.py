@@ -15,7 +15,7 @@ import torch
 
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
-from ct_convert.readers.targets.base import BAND_BYTES, GroupCodes
+from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
 
 @dataclass
@@ -46,7 +46,7 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
     results = []
     for result in ordered_map(module, reader.modules, workers, cost=lambda m: per_weight * math.prod(reader.modules[m].shape)):
         results.append(result)
-        progress(sum(reader.store.meta(t).nbytes for t in reader.modules[result.module].tensors.values()))
+        progress(reader.source_bytes(result.module))
     for t in reader.passthrough():
         if reader.is_quantization_param(t):
             continue

@@ -9,19 +9,31 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ct_convert import console
-from ct_convert.capabilities import module_details, module_targets
 from ct_convert.console import safe
+from ct_convert.plan import AT_REPACK
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
+from ct_convert.targets import TABLE, writer_for
+from ct_convert.targets.writer_base import RepackOptions
 
 
 def inspect_report(source: str, revision: str | None) -> tuple[dict, object]:
     ckpt = resolve(source, revision, headers_only=True)
     reader = open_checkpoint(ckpt)
     qc = reader.qconfig
+    # each target's own plan, from header facts: what repack would do, short of reading the data
+    plans = {t.name: writer_for(t.name).plan(reader, RepackOptions(target=t.name), inspecting=True) for t in TABLE if t.inspect}
     modules = []
     for name, info in reader.modules.items():
-        targets, reasons = module_targets(info)
+        targets, reasons, at_repack, details = {}, {}, {}, {}
+        for t, plan in plans.items():
+            if plan.modules.get(name) is not None and plan.modules[name].details:
+                details[t] = plan.modules[name].details
+            targets[t], why = plan.module_verdict(name)
+            if targets[t] is False:
+                reasons[t] = why
+            elif why:
+                at_repack[t] = why
         modules.append(
             {
                 "name": name,
@@ -32,7 +44,8 @@ def inspect_report(source: str, revision: str | None) -> tuple[dict, object]:
                 "sparsity": info.sparsity,
                 "targets": targets,
                 "reasons": reasons,
-                "details": module_details(info),
+                "at_repack": at_repack,
+                "details": details,
             }
         )
     report = {
@@ -113,12 +126,14 @@ def render(report: dict, show_modules: bool) -> None:
         sc = report["sparsity_config"]
         console.out.print(f"[bold]sparsity[/] {safe(sc['format'])} ({safe(sc['structure'])})")
     targets = [k for k in (report["modules"][0]["targets"] if report["modules"] else {})]
-    usable = {k: sum(m["targets"][k] for m in report["modules"]) for k in targets}
+    usable = {k: sum(m["targets"][k] is not False for m in report["modules"]) for k in targets}
+    pending = {k: sum(m["targets"][k] == AT_REPACK for m in report["modules"]) for k in targets}
     if targets:
         console.out.print(
             "[bold]repackable to[/] "
             + "   ".join(
-                f"{'[green]' if n == len(report['modules']) else '[yellow]' if n else '[red]'}{k} {n}/{len(report['modules'])}[/]"
+                f"{'[green]' if n == len(report['modules']) else '[yellow]' if n else '[red]'}{k} {n}/{len(report['modules'])}"
+                f"{f' ({pending[k]} {AT_REPACK})' if pending[k] else ''}[/]"
                 for k, n in usable.items()
             )
         )
@@ -146,9 +161,9 @@ def render(report: dict, show_modules: bool) -> None:
                 w.get("strategy", "-"),
                 w.get("group_size") or "-",
                 "x".join(map(str, m["shape"])),
-                " ".join(k for k, ok in m["targets"].items() if ok),
+                " ".join(k + ("?" if ok == AT_REPACK else "") for k, ok in m["targets"].items() if ok),
                 "; ".join(f"{k}: {_details_text(d)}" for k, d in m["details"].items()),
-                "; ".join(f"{k}: {v}" for k, v in m["reasons"].items()),
+                "; ".join([f"{k}: {v}" for k, v in m["reasons"].items()] + [f"{k} ({AT_REPACK}): {v}" for k, v in m["at_repack"].items()]),
             ))
         )
     console.out.print(table)

@@ -1,13 +1,15 @@
 """The compressed-tensors reader: finds every module, resolves its format and scheme, decodes it.
 
 `open_checkpoint` reads only headers (plus tiny tensors such as `weight_shape`); `read(name)` then
-decodes one module, touching only that module's tensors.
+decodes one module, touching only that module's tensors. Targets use it through `SourceReader`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -17,7 +19,8 @@ from ct_convert.readers import config as cfg
 from ct_convert.readers.formats import ModuleTensors, decoder_for
 from ct_convert.readers.matching import Clock, GroupTargets, Targets, class_candidates
 from ct_convert.readers.sparse import SparseStore
-from ct_convert.source import Checkpoint
+from ct_convert.source import SourceFiles
+from ct_convert.tensorstore import TensorMeta
 
 PAYLOADS = ("weight", "weight_packed")
 WEIGHT_PARAMS = {
@@ -43,11 +46,35 @@ ONLINE_LOCATIONS = {"input", "output", "q_attn", "k_cache"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "half": torch.float16}
 
 
+class SourceReader(Protocol):
+    """What a target may ask of the source (a writer never reaches into files or configs itself)."""
+
+    modules: dict[str, ModuleInfo]  # quantized modules by name, header facts only
+    unquantized: list[str]  # 2-D+ weights the config leaves unquantized
+    online_transforms: list[str]  # modules with transforms applied at inference (refused everywhere)
+    model_dtype: torch.dtype
+    config: dict  # config.json
+    architecture: str | None  # config.json's first `architectures` name
+    kv_cache_scheme: cfg.QuantArgs | None
+    root: Path  # the source folder (its name names a GGUF; tokenizer files are read from it)
+    config_file: Path | None  # where `config` was read from (errors name it)
+
+    def read(self, module: str) -> QuantizedWeight: ...
+    def get(self, tensor: str) -> torch.Tensor: ...
+    def tensor_meta(self, tensor: str) -> TensorMeta: ...
+    def source_bytes(self, module: str) -> int: ...
+    def order_key(self, tensor: str) -> tuple: ...
+    def passthrough(self) -> list[str]: ...
+    def is_quantization_param(self, tensor: str) -> bool: ...
+    def module_extras(self, module: str) -> dict[str, str]: ...
+    def other_files(self) -> list[Path]: ...
+    def total_bytes(self) -> int: ...
+
+
 @dataclass
-class CompressedTensorsCheckpoint:
-    ckpt: Checkpoint
+class CompressedTensorsReader:
+    files: SourceFiles
     qconfig: cfg.QuantizationConfig
-    config_key: str
     store: SparseStore
     model_dtype: torch.dtype
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
@@ -59,7 +86,38 @@ class CompressedTensorsCheckpoint:
 
     @property
     def config(self) -> dict:
-        return self.ckpt.config
+        return self.files.config
+
+    @property
+    def root(self) -> Path:
+        return self.files.root
+
+    @property
+    def config_file(self) -> Path | None:
+        return self.files.config_file
+
+    @property
+    def kv_cache_scheme(self) -> cfg.QuantArgs | None:
+        return self.qconfig.kv_cache_scheme
+
+    def other_files(self) -> list[Path]:
+        """Files an output folder takes unchanged (relative to `root`): everything but weights."""
+        return self.files.other_files()
+
+    def tensor_meta(self, name: str) -> TensorMeta:
+        return self.store.meta(name)
+
+    def source_bytes(self, module: str) -> int:
+        """Bytes stored for a module: what reading it costs."""
+        return sum(self.store.meta(t).nbytes for t in self.modules[module].tensors.values())
+
+    def order_key(self, name: str) -> tuple:
+        """Where a tensor is stored (file, offset): sorting reads by it sweeps each shard front to back."""
+        m = self.store.meta(name)
+        return (str(m.file), m.offsets[0])
+
+    def total_bytes(self) -> int:
+        return self.store.total_bytes()
 
     @property
     def architecture(self) -> str | None:
@@ -104,7 +162,7 @@ class CompressedTensorsCheckpoint:
         return {"tensors": len(names), "parameters": params, "bytes": stored, "dense_bytes": dense}
 
 
-def open_checkpoint(ckpt: Checkpoint) -> CompressedTensorsCheckpoint:
+def open_checkpoint(ckpt: SourceFiles) -> CompressedTensorsReader:
     where = str(ckpt.config_file or ckpt.root)
     located = cfg.locate(ckpt.config)
     if located is None:
@@ -112,14 +170,14 @@ def open_checkpoint(ckpt: Checkpoint) -> CompressedTensorsCheckpoint:
             f"{where}: no quantization_config: this is not a compressed-tensors checkpoint",
             hint="Point ct-convert at a checkpoint written by llm-compressor / compressed-tensors.",
         )
-    qc_raw, key = located
+    qc_raw, _ = located
     try:
         qconfig = cfg.parse(qc_raw, where)
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         # a value of the wrong JSON type deep inside a group: name the file, never crash
         raise InputError(f"{where}: malformed quantization_config ({type(e).__name__}: {e})") from None
     store = SparseStore(ckpt.store)
-    reader = CompressedTensorsCheckpoint(ckpt, qconfig, key, store, _model_dtype(ckpt.config, store))
+    reader = CompressedTensorsReader(ckpt, qconfig, store, _model_dtype(ckpt.config, store))
     _discover(reader, Clock(where))
     return reader
 
@@ -138,7 +196,7 @@ def _model_dtype(config: dict, store) -> torch.dtype:
     return torch.bfloat16
 
 
-def _discover(r: CompressedTensorsCheckpoint, clock: Clock) -> None:
+def _discover(r: CompressedTensorsReader, clock: Clock) -> None:
     store, qc = r.store, r.qconfig
     by_module: dict[str, dict[str, str]] = {}
     for name in store.names:
@@ -191,7 +249,6 @@ def _discover(r: CompressedTensorsCheckpoint, clock: Clock) -> None:
         mt = ModuleTensors(p, tensors, store, group, qc, r.model_dtype)
         info = decoder_for(fmt).describe(mt, fmt)
         info.sparsity = sparse or info.sparsity or sparsity.declared(p)
-        info.group = group.name if group else None
         if group is not None and group.input_activations is not None:
             info.input_activations = group.input_activations.as_json()
         r.modules[p] = info

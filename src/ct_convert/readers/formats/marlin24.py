@@ -27,7 +27,6 @@ from ct_convert.readers.formats.base import ModuleTensors, load_scale, register
 TILE = 16  # Marlin tile edge
 CHUNK = 1024  # values permuted together: one 2:4 Marlin tile of the compressed matrix
 SCALE_ROW = 64  # scales are permuted in runs of 64 output columns
-_INTERLEAVE = {4: (0, 2, 4, 6, 1, 3, 5, 7), 8: (0, 2, 1, 3)}
 _SCALE_PERM = tuple(8 * i + j for i in range(8) for j in (0, 4, 1, 5, 2, 6, 3, 7))
 
 
@@ -48,7 +47,7 @@ def weight_perm_24(bits: int) -> torch.Tensor:
                 block.append(16 * row + 256 * (col // 2) + 8 * (col % 2) + 4 * blk)
         for j in range(4):
             base.extend(p + j for p in block)
-    il = _INTERLEAVE[bits]
+    il = bitpack.INTERLEAVE[bits]
     n = len(il)
     perm = [base[g * n + il[t]] for g in range(CHUNK // n) for t in range(n)]
     out = torch.tensor(perm, dtype=torch.int64)

@@ -1,2 +1,2 @@
 """`--target mlx`: MLX / mlx-lm checkpoints (writer.py writes them, reader.py reads them back for
-`verify`; layout.py holds the facts both rely on)."""
+`verify`; facts.py holds the facts both rely on)."""

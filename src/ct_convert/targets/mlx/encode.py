@@ -17,7 +17,7 @@ import torch
 from ct_convert import bitpack, floatcodes
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
-from ct_convert.targets.mlx.layout import AFFINE, AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES
+from ct_convert.targets.mlx.facts import AFFINE, AFFINE_BITS, AFFINE_GROUP_SIZES, FLOAT_MODES
 
 _FLOAT_FORMATS = {  # compressed-tensors format -> the MLX mode that holds its codes exactly
     "mxfp4-pack-quantized": "mxfp4",

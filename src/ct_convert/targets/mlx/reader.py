@@ -1,23 +1,22 @@
 """MLX output read back for `verify`, independently of the writer: codes are unpacked the way MLX's
 reference `affine_dequantize` reads them (every bit of each uint32 word in order, then each run of b
 bits one code), zero points are recovered from the stored biases (z = -biases / scales, which must be
-an integer), and the float modes are decoded from the E2M1 / E4M3 / E8M0 definitions (layout.py).
+an integer), and the float modes are decoded from the E2M1 / E4M3 / E8M0 definitions (facts.py).
 A module that is one expert of a stacked `switch_mlp` tensor is read as that slice alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, open_store, register
-from ct_convert.source import load_json
-from ct_convert.targets.mlx import layout
+from ct_convert.targets.reader_base import GroupCodes, open_store
+from ct_convert.jsonfile import load_json
+from ct_convert.targets.mlx import facts
 from ct_convert.tensorstore import read_header, read_tensor
 
 _BAND = 1 << 22  # bits expanded per band of rows when unpacking
@@ -40,12 +39,11 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def e2m1_values(nibbles: torch.Tensor) -> torch.Tensor:
-    mag = torch.tensor(layout.E2M1_MAGNITUDES, dtype=torch.float32, device=nibbles.device)[(nibbles & 7).to(torch.int64)]
+    mag = torch.tensor(facts.E2M1_MAGNITUDES, dtype=torch.float32, device=nibbles.device)[(nibbles & 7).to(torch.int64)]
     return torch.where((nibbles & 8) != 0, -mag, mag)
 
 
 class MLXOutput:
-    kind = "mlx"
     working_bytes_per_weight = 12  # unpacked codes, their float32 values and the source's
 
     def __init__(self, folder: Path):
@@ -54,7 +52,7 @@ class MLXOutput:
         self.config = load_json(folder / "config.json")
         q = self.config.get("quantization")
         self.quantization = q if isinstance(q, dict) else {}
-        self.arch = layout.architecture(self.config)
+        self.arch = facts.architecture(self.config)
         self._fds: dict[Path, int] = {}
 
     # -- reading -------------------------------------------------------------------------------
@@ -78,7 +76,7 @@ class MLXOutput:
         entry = self.quantization.get(path, self.quantization)
         if not isinstance(entry, dict) or "bits" not in entry or "group_size" not in entry:
             raise InputError(f"{self.folder}: config.json's quantization says nothing of quantized layer {path}")
-        mode, bits, gs = entry.get("mode", layout.AFFINE), int(entry["bits"]), int(entry["group_size"])
+        mode, bits, gs = entry.get("mode", facts.AFFINE), int(entry["bits"]), int(entry["group_size"])
         if words.dtype != torch.uint32 or words.shape[-1] * 32 != scales.shape[-1] * gs * bits:
             raise InputError(
                 f"{path}: weight {words.dtype} {list(words.shape)} and scales {list(scales.shape)} "
@@ -93,13 +91,13 @@ class MLXOutput:
         words = self._get(f"{path}.weight", expert)
         scales = self._get(f"{path}.scales", expert)
         mode, bits, gs = self._params(path, words, scales)
-        biases = self._get(f"{path}.biases", expert) if mode == layout.AFFINE else None
+        biases = self._get(f"{path}.biases", expert) if mode == facts.AFFINE else None
         return path, words, scales, biases, mode, bits, gs
 
     # -- the OutputReader protocol ---------------------------------------------------------------
     def decode(self, module: str) -> GroupCodes | None:
         q = self._quantized(module)
-        if q is None or q[4] != layout.AFFINE or q[1].dim() != 2:
+        if q is None or q[4] != facts.AFFINE or q[1].dim() != 2:
             return None
         _, words, scales, biases, _, bits, _ = q
         # b = -z * s exactly, so -b / s rounds to z exactly; a zero scale gives NaN or Inf and fails
@@ -118,7 +116,7 @@ class MLXOutput:
             return self._get(f"{path}.weight", expert) if f"{path}.weight" in self.store else None
         path, words, scales, biases, mode, bits, gs = q
         lead = words.shape[:-1]
-        if mode == layout.AFFINE:
+        if mode == facts.AFFINE:
             # float32 scales: s * q + b needs up to 33 bits, so it is computed in float64 and rounded once
             work = torch.float64 if scales.dtype == torch.float32 else torch.float32
             u = unpack_codes(words.reshape(-1, words.shape[-1]), bits).reshape(*lead, -1, gs).to(work)
@@ -135,7 +133,7 @@ class MLXOutput:
             if f"{path}.global_scale" in self.store:
                 raise InputError(f"{path}: nvfp4 layers with a global_scale cannot be read back")
         else:
-            scale = torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - layout.E8M0_BIAS)
+            scale = torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - facts.E8M0_BIAS)
         w = values.reshape(*lead, -1, gs).mul_(scale.unsqueeze(-1))
         return w.reshape(*lead, -1)
 
@@ -147,26 +145,19 @@ class MLXOutput:
             os.close(fd)
 
 
-def is_mlx_output(folder: Path) -> bool:
+def detect(folder: Path, config) -> bool:
     """config.json has mlx-lm's `quantization` block, or the weights say they were written for MLX."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
     q = config.get("quantization") if isinstance(config, dict) else None
     if isinstance(q, dict) and "bits" in q and "group_size" in q:
         return True
+    if config is None:
+        return False
     shards = sorted(folder.glob("model*.safetensors"))
     try:
-        return bool(shards) and read_header(shards[0])[1].get("format") == layout.SAFETENSORS_METADATA["format"]
+        return bool(shards) and read_header(shards[0])[1].get("format") == facts.SAFETENSORS_METADATA["format"]
     except InputError:
         return False
 
 
-@register("mlx")
-class MLXKind:
-    def detect(self, folder: Path) -> bool:
-        return is_mlx_output(folder)
-
-    def open(self, folder: Path) -> MLXOutput:
-        return MLXOutput(folder)
+def open(folder: Path, source_architecture: str | None = None) -> MLXOutput:
+    return MLXOutput(folder)

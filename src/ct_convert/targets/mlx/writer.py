@@ -20,13 +20,15 @@ import torch
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
+from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, REFUSED, ModulePlan, Output, Plan, Unit, tensor_output
 from ct_convert.qweight import ModuleInfo
+from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
-from ct_convert.targets.mlx import layout
+from ct_convert.targets.hf_writer import DENSE_FALLBACK
+from ct_convert.targets.mlx import facts
 from ct_convert.targets.mlx.config import mlx_config, quantization_block
 from ct_convert.targets.mlx.encode import Params, choose, data_reason, encode, specs
-from ct_convert.writers.base import Progress, RepackOptions, WriteReport, exact_cast, register
-from ct_convert.writers.hf import DENSE_FALLBACK
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
 
 _HINT = "Pass --keep-unsupported dense to write such modules dequantized, or choose another --target."
 
@@ -47,25 +49,21 @@ class Job:
 
 @dataclass
 class OutTensor:
-    name: str
+    output: Output  # the plan's record of it (name, dtype, shape, file)
     dtype: torch.dtype
-    shape: tuple[int, ...]
-    jobs: list[int]  # indexes into Plan.jobs: one, or one per expert slice when `stacked`
+    jobs: list[int]  # indexes into Layout.jobs: one, or one per expert slice when `stacked`
     key: str  # which of the job's results this tensor is
     stacked: bool = False
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
 
 @dataclass
-class Plan:
+class Layout:
+    """How the plan's outputs are produced: the jobs, in file order, and the config.json facts."""
+
     tensors: list[OutTensor] = field(default_factory=list)
     jobs: list[Job] = field(default_factory=list)
     converted: dict[str, Params] = field(default_factory=dict)  # mlx layer path -> its quantization
     kept_float: set[str] = field(default_factory=set)  # mlx layer paths written in float
-    report: WriteReport = field(default_factory=WriteReport)
 
 
 @dataclass
@@ -87,49 +85,45 @@ def _name_refusal(name: str) -> str | None:
     return None
 
 
-@register
-class MLXWriter:
-    name = "mlx"
-
+class Writer(TargetWriter):
     def refusal(self, info: ModuleInfo, opts: RepackOptions) -> str | None:
         return _name_refusal(info.name) or choose(info)[1]
 
-    def check(self, reader, opts: RepackOptions) -> None:
-        if reader.online_transforms:
-            raise UnsupportedConversion(
-                f"{reader.online_transforms[0]}: online transform (applied at inference) in this checkpoint",
-                hint="The weights alone are not the model; MLX cannot apply the transform.",
-            )
-        self.plan(reader, opts, scan=False)
-
     # -- planning ------------------------------------------------------------------------------
-    def plan(self, reader, opts: RepackOptions, scan: bool) -> Plan:
+    def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
+        refuse_online_transforms(reader, "The weights alone are not the model; MLX cannot apply the transform.")
         arch = _architecture(reader.config)
         layers = self._layers(reader, arch, opts)
-        if scan:
+        if not plan.inspecting:  # exactness is decided from the stored scales, which inspect does not read
             self._scan(reader, layers, opts)
-        plan = Plan()
         refused = [(m, why) for layer in layers for m, why in layer.reasons.items()]
         if refused and opts.keep_unsupported != DENSE_FALLBACK:
+            for m, why in refused:
+                plan.modules[m] = ModulePlan(REFUSED, why)
             name, why = refused[0]
             more = f" (and {len(refused) - 1} more modules)" if len(refused) > 1 else ""
-            raise UnsupportedConversion(f"{name}: cannot be written as mlx: {why}{more}", hint=_HINT)
+            plan.refuse_modules(UnsupportedConversion(f"{name}: cannot be written as {self.name}: {why}{more}", hint=_HINT))
+        layout = Layout()
         units = [(layer.order, "layer", layer) for layer in layers]
         for t in reader.passthrough():
             if reader.is_quantization_param(t):
-                plan.report.dropped.append(t)
+                plan.dropped.append(t)
             else:
                 units.append((_order_key(reader, t), "tensor", t))
         for _, kind, unit in sorted(units, key=lambda u: u[0]):
             if kind == "tensor":
-                self._add_tensor(reader, plan, unit, opts)
-            else:
-                self._add_layer(reader, plan, unit, opts)
+                self._add_tensor(reader, plan, layout, unit, opts)
+            elif unit.params is not None or opts.keep_unsupported == DENSE_FALLBACK:
+                self._add_layer(reader, plan, layout, unit, opts)
         for m in reader.unquantized:
-            plan.kept_float.add(arch.locate(m)[0])
-        return plan
+            layout.kept_float.add(arch.locate(m)[0])
+        shards = _split(layout.tensors, opts.max_shard_size)
+        for fname, shard in zip(shard_names(len(shards)), shards):
+            for t in shard:
+                t.output.file = fname
+        plan.detail = layout
 
-    def _layers(self, reader, arch: layout.Architecture, opts: RepackOptions) -> list[Layer]:
+    def _layers(self, reader: SourceReader, arch: facts.Architecture, opts: RepackOptions) -> list[Layer]:
         grouped: dict[str, list[tuple[int | None, str]]] = {}
         for name in reader.modules:
             path, expert = arch.locate(name)
@@ -166,7 +160,7 @@ class MLXWriter:
             layers.append(layer)
         return layers
 
-    def _scan(self, reader, layers: list[Layer], opts: RepackOptions) -> None:
+    def _scan(self, reader: SourceReader, layers: list[Layer], opts: RepackOptions) -> None:
         """Decide exactness from the stored scales and zero points (codes are not read)."""
         todo = [(layer, m) for layer in layers if layer.params is not None for m in layer.modules]
 
@@ -182,108 +176,121 @@ class MLXWriter:
             if layer.reasons:
                 layer.params = None
 
-    def _add_layer(self, reader, plan: Plan, layer: Layer, opts: RepackOptions) -> None:
+    def _add_layer(self, reader: SourceReader, plan: Plan, layout: Layout, layer: Layer, opts: RepackOptions) -> None:
         infos = [reader.modules[m] for m in layer.modules]
         dtype = opts.dtype or infos[0].dtype
         lead = (len(infos),) if layer.stacked else ()
-        src_bytes = [sum(reader.store.meta(t).nbytes for t in i.tensors.values()) for i in infos]
+        src_bytes = [reader.source_bytes(m) for m in layer.modules]
+        reasons = []
         if layer.params is None:
             out_specs = [("weight", dtype, infos[0].shape)]
             for m in layer.modules:
                 why = layer.reasons.get(m) or f"another expert of {layer.path} cannot be held exactly"
-                plan.report.fallbacks.append({"module": m, "tensor": f"{layer.path}.weight", "written_as": "dense", "reason": why})
-            plan.kept_float.add(layer.path)
+                plan.fallbacks.append({"module": m, "tensor": f"{layer.path}.weight", "written_as": "dense", "reason": why})
+                reasons.append(why)
+            layout.kept_float.add(layer.path)
         else:
             out_specs = specs(infos[0], layer.params, dtype)
-            plan.converted[layer.path] = layer.params
-        status = "converted" if layer.params is not None else "dense"
+            layout.converted[layer.path] = layer.params
+        pending = _pending(reader, layer.modules, layer.params, dtype) if plan.inspecting else None
         for e, m in enumerate(layer.modules):
-            entry = {"status": status, "tensor": layer.path}
+            entry = {"tensor": layer.path}
             if layer.params is not None:
                 entry.update(layer.params.as_json())
             if layer.stacked:
                 entry["expert"] = e
-            plan.report.modules[m] = entry
+            status = CONVERTED if layer.params is not None else FALLBACK
+            plan.modules[m] = ModulePlan(status, None if status == CONVERTED else reasons[e], pending, entry)
         kind = "module" if layer.params is not None else "dense"
+        outputs = []
 
         def job(i: int, part: str | None) -> int:
             out = sum(math.prod(s) * d.itemsize for n, d, s in out_specs if part in (None, n))
-            plan.jobs.append(Job(layer.modules[i], kind, dtype, layer.params, part,
-                                 src_bytes[i] if part in (None, "weight") else 0,
-                                 2 * (src_bytes[i] + out) + math.prod(infos[i].shape)))
-            return len(plan.jobs) - 1
+            layout.jobs.append(Job(layer.modules[i], kind, dtype, layer.params, part,
+                                   src_bytes[i] if part in (None, "weight") else 0,
+                                   2 * (src_bytes[i] + out) + math.prod(infos[i].shape)))
+            return len(layout.jobs) - 1
+
+        def add(suffix: str, d: torch.dtype, shape, jobs: list[int], stacked: bool) -> None:
+            o = tensor_output(f"{layer.path}.{suffix}", d, shape)
+            outputs.append(o)
+            layout.tensors.append(OutTensor(o, d, jobs, suffix, stacked))
 
         if not layer.stacked:
             j = job(0, None)
             for suffix, d, shape in out_specs:
-                plan.tensors.append(OutTensor(f"{layer.path}.{suffix}", d, tuple(shape), [j], suffix))
-            return
-        for suffix, d, shape in out_specs:
-            jobs = [job(i, suffix) for i in range(len(infos))]
-            plan.tensors.append(OutTensor(f"{layer.path}.{suffix}", d, (*lead, *shape), jobs, suffix, stacked=True))
+                add(suffix, d, tuple(shape), [j], False)
+        else:
+            for suffix, d, shape in out_specs:
+                add(suffix, d, (*lead, *shape), [job(i, suffix) for i in range(len(infos))], True)
+        why = "; ".join(dict.fromkeys(reasons)) or None
+        plan.units.append(Unit(tuple(layer.modules), outputs, ENCODE if layer.params is not None else DEQUANTIZE, why, sum(src_bytes)))
 
-    def _add_tensor(self, reader, plan: Plan, name: str, opts: RepackOptions) -> None:
-        m = reader.store.meta(name)
+    def _add_tensor(self, reader: SourceReader, plan: Plan, layout: Layout, name: str, opts: RepackOptions) -> None:
+        m = reader.tensor_meta(name)
         dtype = m.torch_dtype
         if opts.dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
             dtype = opts.dtype
-        plan.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=2 * m.nbytes))
-        plan.tensors.append(OutTensor(name, dtype, tuple(m.shape), [len(plan.jobs) - 1], ""))
+        layout.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=2 * m.nbytes))
+        o = tensor_output(name, dtype, m.shape)
+        layout.tensors.append(OutTensor(o, dtype, [len(layout.jobs) - 1], ""))
+        plan.units.append(Unit((name,), [o], CARRY, source_bytes=m.nbytes))
 
     # -- writing -------------------------------------------------------------------------------
-    def write(self, reader, out: Path, opts: RepackOptions, progress: Progress) -> WriteReport:
-        plan = self.plan(reader, opts, scan=True)
-        report = plan.report
-        order = list(dict.fromkeys(j for t in plan.tensors for j in t.jobs))
-        results = ordered_map(lambda j: (j, self._run(reader, plan.jobs[j], opts)), order, max(1, opts.workers),
-                              cost=lambda j: plan.jobs[j].cost)
+    def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
+        layout: Layout = plan.detail
+        files: Files = {}
+        order = list(dict.fromkeys(j for t in layout.tensors for j in t.jobs))
+        results = ordered_map(lambda j: (j, self._run(reader, layout.jobs[j], opts)), order, max(1, opts.workers),
+                              cost=lambda j: layout.jobs[j].cost)
         current: dict[int, dict] = {}
 
         def result(j: int) -> dict[str, torch.Tensor]:
             if j not in current:
                 done, tensors = next(results)
-                assert done == j, "jobs are consumed in planned order"
+                if done != j:
+                    raise RuntimeError(f"job {done} arrived where job {j} was planned")
                 current.clear()
                 current[j] = tensors
-                progress(plan.jobs[j].source_bytes)
+                progress(layout.jobs[j].source_bytes)
             return current[j]
 
-        shards = _split(plan.tensors, opts.max_shard_size)
+        shards = _split(layout.tensors, opts.max_shard_size)
         names = shard_names(len(shards))
         weight_map: dict[str, str] = {}
         for fname, shard in zip(names, shards):
-            fw = SafetensorsFileWriter(out / fname, [TensorSpec(t.name, t.dtype, t.shape) for t in shard],
-                                       metadata=dict(layout.SAFETENSORS_METADATA))
+            fw = SafetensorsFileWriter(out / fname, [TensorSpec(t.output.name, t.dtype, t.output.shape) for t in shard],
+                                       metadata=dict(facts.SAFETENSORS_METADATA))
             try:
                 for t in shard:
                     if t.stacked:
-                        fw.add_stacked(t.name, (result(j)[t.key] for j in t.jobs))
+                        fw.add_stacked(t.output.name, (result(j)[t.key] for j in t.jobs))
                     else:
-                        fw.add(t.name, result(t.jobs[0])[t.key])
-                    weight_map[t.name] = fname
+                        fw.add(t.output.name, result(t.jobs[0])[t.key])
+                    weight_map[t.output.name] = fname
                 sha = fw.close()
             except BaseException:
                 fw.abort()
                 raise
-            report.files[fname] = {"sha256": sha, "size": fw.size}
+            files[fname] = {"sha256": sha, "size": fw.size}
         if len(names) > 1:
-            total = sum(t.nbytes for t in plan.tensors)
-            _json(out, "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, report)
-        block = quantization_block(plan.converted, sorted(plan.kept_float - set(plan.converted)))
+            total = sum(t.output.nbytes for t in layout.tensors)
+            _json(out, "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, files)
+        block = quantization_block(layout.converted, sorted(layout.kept_float - set(layout.converted)))
         config, added = mlx_config(reader.config, block, str(opts.dtype).removeprefix("torch.") if opts.dtype else None)
         if added:
-            report.notes.append(
+            plan.notes.append(
                 f"config.json: added {', '.join(added)}: mlx-lm's model classes read only the names "
                 "transformers used before version 5"
             )
-        _json(out, "config.json", config, report)
-        for rel in reader.ckpt.other_files():
-            sha, size = copy_with_hash(reader.ckpt.root / rel, out / rel)
-            report.files[str(rel)] = {"sha256": sha, "size": size}
-        return report
+        _json(out, "config.json", config, files)
+        for rel in reader.other_files():
+            sha, size = copy_with_hash(reader.root / rel, out / rel)
+            files[str(rel)] = {"sha256": sha, "size": size}
+        return files
 
     @staticmethod
-    def _run(reader, job: Job, opts: RepackOptions) -> dict[str, torch.Tensor]:
+    def _run(reader: SourceReader, job: Job, opts: RepackOptions) -> dict[str, torch.Tensor]:
         if job.kind == "tensor":
             return {"": exact_cast(reader.get(job.source), job.dtype, f"tensor {job.source}")}
         qw = reader.read(job.source)
@@ -294,11 +301,29 @@ class MLXWriter:
         return encode(qw, job.params, job.dtype, None if job.part is None else (job.part,))
 
 
-def _architecture(config: dict) -> layout.Architecture:
-    arch = layout.architecture(config)
+def _pending(reader: SourceReader, modules: list[str], params: Params | None, dtype: torch.dtype) -> str | None:
+    """For `inspect`: what the scan of the stored scales still decides for a layer headers allow
+    (symmetric affine codes with scales already in the output dtype and no g_idx need no scan:
+    -z*s is then a power of two times a value of that dtype)."""
+    if params is None:
+        return None
+    if params.mode == facts.AFFINE:
+        name = str(dtype).removeprefix("torch.")
+        infos = [reader.modules[m] for m in modules]
+        if all(not i.has_g_idx and "weight_zero_point" not in i.tensors and i.scheme.symmetric and "weight_scale" in i.tensors
+               and reader.tensor_meta(i.tensors["weight_scale"]).torch_dtype == dtype for i in infos):
+            return None
+        return f"whether the stored scales and -z*s are {name} values and g_idx is trivial (read from the data)"
+    if params.mode == "nvfp4":
+        return "whether the global scale folds exactly into the E4M3 block scales (read from the data)"
+    return None
+
+
+def _architecture(config: dict) -> facts.Architecture:
+    arch = facts.architecture(config)
     if arch is None:
         name = (config.get("architectures") or ["?"])[0]
-        supported = ", ".join(sorted(layout.ARCHITECTURES))
+        supported = ", ".join(sorted(facts.ARCHITECTURES))
         raise UnsupportedConversion(
             f"{name} (model_type {config.get('model_type')!r}): not an architecture the mlx target writes",
             hint=f"Supported model types: {supported}. Other names would need renames mlx-lm does not do; "
@@ -307,25 +332,24 @@ def _architecture(config: dict) -> layout.Architecture:
     return arch
 
 
-def _order_key(reader, tensor: str) -> tuple:
+def _order_key(reader: SourceReader, tensor: str) -> tuple:
     """Source order: shard file, then byte offset, so reads sweep each file once, front to back."""
-    m = reader.store.meta(tensor)
-    return (str(m.file), m.offsets[0], tensor)
+    return (*reader.order_key(tensor), tensor)
 
 
 def _split(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
+        if shards[-1] and size + t.output.nbytes > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(t)
-        size += t.nbytes
+        size += t.output.nbytes
     return shards
 
 
-def _json(out: Path, name: str, data: dict, report: WriteReport) -> None:
+def _json(out: Path, name: str, data: dict, files: Files) -> None:
     raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
     sha, size = write_bytes_with_hash(out / name, raw)
-    report.files[name] = {"sha256": sha, "size": size}
+    files[name] = {"sha256": sha, "size": size}

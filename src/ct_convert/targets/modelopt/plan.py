@@ -12,10 +12,10 @@ import torch
 
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.qweight import Encoding, ModuleInfo
-from ct_convert.targets.modelopt import layout
+from ct_convert.targets.modelopt import facts
 
-if TYPE_CHECKING:  # the writers package imports this module
-    from ct_convert.writers.base import RepackOptions
+if TYPE_CHECKING:  # writer_base is not needed at run time
+    from ct_convert.targets.writer_base import RepackOptions
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Algo:
     group_size: int | None = None
 
     def entry(self) -> dict:
-        return layout.layer_config(self.quant_algo, self.group_size)
+        return facts.layer_config(self.quant_algo, self.group_size)
 
     def label(self) -> str:
         return self.quant_algo + (f" g{self.group_size}" if self.group_size else "")
@@ -45,15 +45,15 @@ def algorithm(info: ModuleInfo) -> tuple[Algo | None, str | None]:
         return _fp8_algorithm(info)
     if info.encoding is Encoding.FP4 and info.format == "nvfp4-pack-quantized":
         if act is None:
-            return Algo(layout.W4A16_NVFP4, layout.NVFP4_GROUP), None
+            return Algo(facts.W4A16_NVFP4, facts.NVFP4_GROUP), None
         if (act.get("type"), act.get("num_bits"), act.get("strategy"), act.get("group_size"), act.get("dynamic")) == (
-            "float", 4, "tensor_group", layout.NVFP4_GROUP, "local"
+            "float", 4, "tensor_group", facts.NVFP4_GROUP, "local"
         ):
-            return Algo(layout.NVFP4, layout.NVFP4_GROUP), None
+            return Algo(facts.NVFP4, facts.NVFP4_GROUP), None
         return None, "NVFP4 weights with activations other than NVFP4 (dynamic local, group 16) have no ModelOpt algorithm"
     if info.encoding is Encoding.FP4 and info.format == "mxfp4-pack-quantized":
         if act is None:
-            return Algo(layout.W4A16_MXFP4, layout.MXFP4_GROUP), None
+            return Algo(facts.W4A16_MXFP4, facts.MXFP4_GROUP), None
         return None, "MXFP4 weights with quantized activations: ModelOpt's W4A16_MXFP4 keeps activations in float"
     return None, f"{info.encoding.value} weights ({info.format}) have no ModelOpt layout"
 
@@ -66,13 +66,13 @@ def _int_algorithm(info: ModuleInfo) -> tuple[Algo | None, str | None]:
     if not s.symmetric:
         return None, f"asymmetric int{b}: ModelOpt's int layouts have no zero points (use --target awq)"
     if b == 4 and s.strategy == "group":
-        if s.group_size not in layout.INT4_GROUP_SIZES:
+        if s.group_size not in facts.INT4_GROUP_SIZES:
             return None, f"group size {s.group_size}: TensorRT-LLM's int4 kernels run groups of 64 and 128 only"
         if k % s.group_size or n % 2:
             return None, f"shape [{n}, {k}]: W4A16_AWQ needs K a multiple of the group size and N even"
-        return Algo(layout.W4A16_AWQ, s.group_size), None
+        return Algo(facts.W4A16_AWQ, s.group_size), None
     if b == 8 and s.strategy == "channel":
-        return Algo(layout.W8A16), None
+        return Algo(facts.W8A16), None
     return None, (f"int{b} {s.strategy} weights: ModelOpt holds int4 in groups of 64 or 128 (W4A16_AWQ) "
                   "and int8 per channel (W8A16)")
 
@@ -86,14 +86,14 @@ def _fp8_algorithm(info: ModuleInfo) -> tuple[Algo | None, str | None]:
                       "and would change the model (use --target dense)")
     dynamic, strategy = act.get("dynamic"), act.get("strategy")
     if s.strategy == "tensor" and dynamic is False and strategy == "tensor":
-        return Algo(layout.FP8), None
+        return Algo(facts.FP8), None
     if s.strategy == "tensor" and dynamic is True and strategy == "tensor":
-        return Algo(layout.FP8), None  # no input_scale: TensorRT-LLM quantizes each input per tensor
+        return Algo(facts.FP8), None  # no input_scale: TensorRT-LLM quantizes each input per tensor
     if s.strategy in ("tensor", "channel") and dynamic is True and strategy == "token":
-        return Algo(layout.FP8_PER_CHANNEL_PER_TOKEN), None  # a tensor scale is the same scale on every channel
-    if (s.strategy == "block" and tuple(s.block_structure or ()) == (layout.FP8_BLOCK,) * 2 and dynamic is True
-            and strategy == "group" and act.get("group_size") == layout.FP8_BLOCK):
-        return Algo(layout.FP8_BLOCK_SCALES, layout.FP8_BLOCK), None
+        return Algo(facts.FP8_PER_CHANNEL_PER_TOKEN), None  # a tensor scale is the same scale on every channel
+    if (s.strategy == "block" and tuple(s.block_structure or ()) == (facts.FP8_BLOCK,) * 2 and dynamic is True
+            and strategy == "group" and act.get("group_size") == facts.FP8_BLOCK):
+        return Algo(facts.FP8_BLOCK_SCALES, facts.FP8_BLOCK), None
     return None, (f"FP8 {s.strategy} weights with {'dynamic' if dynamic else 'static'} {strategy} activations: "
                   "ModelOpt has FP8 (tensor, static or dynamic per tensor), FP8_PER_CHANNEL_PER_TOKEN and "
                   "FP8_BLOCK_SCALES (128x128 weights, dynamic group-128 activations)")
@@ -156,25 +156,32 @@ def input_scale(input_global_scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 @dataclass
-class Plan:
+class Algorithms:
     algos: dict[str, Algo]  # modules written quantized
     reasons: dict[str, str | None]  # every module: why it cannot be, or None
     kv_cache: bool
     notes: list[str] = field(default_factory=list)
+    # without `read_values` (inspect): the modules whose scale values still decide, and what they decide
+    pending: dict[str, str] = field(default_factory=dict)
 
-    def distinct(self) -> list[Algo]:
-        return sorted(set(self.algos.values()), key=lambda a: (a.quant_algo, a.group_size or 0))
+
+NVFP4_VALUES = "whether the NVFP4 global scales have exact ModelOpt counterparts (read from the data)"
 
 
-def build(reader, opts: RepackOptions) -> Plan:
+def build(reader, opts: RepackOptions, read_values: bool = True) -> Algorithms:
+    """The quant_algo of every module and why others have none. Without `read_values`, from header
+    facts alone: the checks that read scale values are left `pending`."""
     reasons: dict[str, str | None] = {}
     algos: dict[str, Algo] = {}
     notes: list[str] = []
     inexact_inputs = []
+    pending: dict[str, str] = {}
     for name, info in reader.modules.items():
         algo, why = algorithm(info)
         if algo is not None:
-            why = _value_refusal(reader, info, algo, opts, inexact_inputs)
+            why = _value_refusal(reader, info, algo, opts, inexact_inputs, read_values)
+            if why is None and not read_values and algo.quant_algo in (facts.NVFP4, facts.W4A16_NVFP4):
+                pending[name] = NVFP4_VALUES
         reasons[name] = why
         if why is None:
             algos[name] = algo
@@ -185,37 +192,39 @@ def build(reader, opts: RepackOptions) -> Plan:
             "the float32 nearest 1/input_global_scale, so TensorRT-LLM's activation multiplier differs from it by one "
             "float32 ulp (weights are unaffected; --strict refuses this)"
         )
-    _fused(reader, algos, reasons, notes)
+    _fused(reader, algos, reasons, notes, read_values)
     _consumer_notes(algos, notes)
-    return Plan(algos, reasons, _kv_cache(reader), notes)
+    return Algorithms(algos, reasons, _kv_cache(reader), notes, {m: why for m, why in pending.items() if m in algos})
 
 
 def _consumer_notes(algos: dict[str, Algo], notes: list[str]) -> None:
     """Exact ModelOpt algorithms that not every ModelOpt consumer runs (README: which loads what)."""
     used = {a.quant_algo for a in algos.values()}
-    if layout.W4A16_NVFP4 in used:
+    if facts.W4A16_NVFP4 in used:
         notes.append("W4A16_NVFP4: vLLM and SGLang load it; TensorRT-LLM's QuantAlgo has no W4A16_NVFP4")
-    dense_mx = [m for m, a in algos.items() if a.quant_algo == layout.W4A16_MXFP4 and ".experts." not in m]
+    dense_mx = [m for m, a in algos.items() if a.quant_algo == facts.W4A16_MXFP4 and ".experts." not in m]
     if dense_mx:
         notes.append(f"W4A16_MXFP4 outside MoE experts ({dense_mx[0]}, ...): TensorRT-LLM runs W4A16_MXFP4 only in "
                      "fused MoE experts and has no linear method for it")
 
 
-def _value_refusal(reader, info: ModuleInfo, algo: Algo, opts: RepackOptions, inexact: list[str]) -> str | None:
+def _value_refusal(reader, info: ModuleInfo, algo: Algo, opts: RepackOptions, inexact: list[str], read_values: bool) -> str | None:
     extras = reader.module_extras(info.name)
-    if algo.quant_algo == layout.FP8 and info.input_activations.get("dynamic") is False and "input_scale" not in extras:
+    if algo.quant_algo == facts.FP8 and info.input_activations.get("dynamic") is False and "input_scale" not in extras:
         return "static FP8 activations without an input_scale tensor"
-    if algo.quant_algo in (layout.NVFP4, layout.W4A16_NVFP4):
-        if reader.store.meta(info.tensors["weight_scale"]).dtype != "F8_E4M3":
+    if algo.quant_algo in (facts.NVFP4, facts.W4A16_NVFP4):
+        if reader.tensor_meta(info.tensors["weight_scale"]).dtype != "F8_E4M3":
             return "NVFP4 block scales not stored as FP8 E4M3: ModelOpt's weight_scale is FP8 E4M3"
         dtype = opts.dtype or info.dtype
-        if weight_scale_2(_scalar_check(reader, info.tensors["weight_global_scale"]), dtype) is None:
+        if read_values and weight_scale_2(_scalar_check(reader, info.tensors["weight_global_scale"]), dtype) is None:
             return (f"weight_global_scale: no float32 weight_scale_2 makes ModelOpt's FP8 scale x weight_scale_2 "
                     f"dequantize to the same {str(dtype).removeprefix('torch.')} weights as compressed-tensors' "
                     "FP8 scale / weight_global_scale")
-    if algo.quant_algo == layout.NVFP4:
+    if algo.quant_algo == facts.NVFP4:
         if "input_global_scale" not in extras:
             return "NVFP4 activations without an input_global_scale tensor"
+        if not read_values:
+            return None
         g = _scalar_check(reader, extras["input_global_scale"])
         if g.numel() != 1:
             return f"input_global_scale has {g.numel()} values; ModelOpt stores one input_scale per linear"
@@ -236,13 +245,13 @@ def _scalar_check(reader, tensor: str) -> torch.Tensor:
 def _siblings(present: set[str], name: str) -> list[str]:
     """The modules TensorRT-LLM fuses with `name` (itself included), among the checkpoint's linears."""
     parent, _, leaf = name.rpartition(".")
-    for group in layout.FUSED_SIBLINGS:
+    for group in facts.FUSED_SIBLINGS:
         if leaf in group:
             return [f"{parent}.{m}" for m in group if f"{parent}.{m}" in present]
     return [name]
 
 
-def _fused(reader, algos: dict[str, Algo], reasons: dict[str, str | None], notes: list[str]) -> None:
+def _fused(reader, algos: dict[str, Algo], reasons: dict[str, str | None], notes: list[str], read_values: bool) -> None:
     """TensorRT-LLM loads q/k/v (gate/up, ...) into one linear with one quantization: every member must be
     written the same way, NVFP4 ones with one weight_scale_2 and one input_scale (its loader asserts it)."""
     present = set(reader.modules) | set(reader.unquantized)
@@ -258,19 +267,21 @@ def _fused(reader, algos: dict[str, Algo], reasons: dict[str, str | None], notes
                 reasons[name] = f"TensorRT-LLM fuses it with {other}, which is written {how}"
                 del algos[name]
                 changed = True
+    if not read_values:
+        return
     differing_fp8 = []
     for name in sorted(algos):
         group = _siblings(present, name)
         if len(group) < 2 or name != group[0]:
             continue
         algo = algos[name].quant_algo
-        if algo in (layout.NVFP4, layout.W4A16_NVFP4):
+        if algo in (facts.NVFP4, facts.W4A16_NVFP4):
             why = _nvfp4_group_refusal(reader, group, algo)
             if why:
                 for m in group:
                     reasons[m] = why
                     del algos[m]
-        elif algo == layout.FP8 and not _same(reader, group, lambda m: reader.modules[m].tensors["weight_scale"]):
+        elif algo == facts.FP8 and not _same(reader, group, lambda m: reader.modules[m].tensors["weight_scale"]):
             differing_fp8.append(name.rpartition(".")[0])
     if differing_fp8:
         notes.append(
@@ -290,14 +301,14 @@ def _nvfp4_group_refusal(reader, group: list[str], algo: str) -> str | None:
     if not _same(reader, group, lambda m: reader.modules[m].tensors["weight_global_scale"]):
         return (f"{joined} have different weight_global_scale values; TensorRT-LLM fuses them and requires one "
                 "weight_scale_2 (re-quantization would be needed)")
-    if algo == layout.NVFP4 and not _same(reader, group, lambda m: reader.module_extras(m)["input_global_scale"]):
+    if algo == facts.NVFP4 and not _same(reader, group, lambda m: reader.module_extras(m)["input_global_scale"]):
         return f"{joined} have different input_global_scale values; TensorRT-LLM fuses them and requires one input_scale"
     return None
 
 
 def _kv_cache(reader) -> bool:
-    names = [t for t in reader.passthrough() if t.rsplit(".", 1)[-1] in layout.KV_SCALE_NAMES]
-    kv = reader.qconfig.kv_cache_scheme
+    names = [t for t in reader.passthrough() if t.rsplit(".", 1)[-1] in facts.KV_SCALE_NAMES]
+    kv = reader.kv_cache_scheme
     if not names and kv is None:
         return False
     if kv is None or kv.type != "float" or kv.num_bits != 8 or kv.strategy != "tensor" or kv.dynamic or not kv.symmetric:
@@ -306,6 +317,6 @@ def _kv_cache(reader) -> bool:
             hint="Convert to --target dense (KV-cache scales are dropped there).",
         )
     for t in names:
-        if reader.store.meta(t).numel != 1:
-            raise UnsupportedConversion(f"tensor {t}: {reader.store.meta(t).numel} values; ModelOpt stores one KV scale per layer")
+        if reader.tensor_meta(t).numel != 1:
+            raise UnsupportedConversion(f"tensor {t}: {reader.tensor_meta(t).numel} values; ModelOpt stores one KV scale per layer")
     return bool(names)

@@ -1,6 +1,6 @@
 """A ModelOpt unified HF checkpoint read back as its consumers read it, for `verify`: each module's
 `quant_algo` from hf_quant_config.json (`quantized_layers`, or the global algorithm minus the modules
-`exclude_modules` matches, the way TensorRT-LLM matches them), then its tensors decoded from layout.py's
+`exclude_modules` matches, the way TensorRT-LLM matches them), then its tensors decoded from facts.py's
 table alone. Integer modules come back as codes (`decode`), the rest dequantized as ModelOpt does."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ct_convert.errors import InputError
-from ct_convert.readers.targets.base import GroupCodes, HFOutputReader, dequantize_groups, quant_method, register
-from ct_convert.source import load_json
-from ct_convert.targets.modelopt import layout
+from ct_convert.jsonfile import load_json
+from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, dequantize_groups, quant_method
+from ct_convert.targets.modelopt import facts
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -29,12 +29,11 @@ def nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ModelOptOutput(HFOutputReader):
-    kind = "trtllm"
     working_bytes_per_weight = 12  # float32 of the weight plus the unpacked codes
 
     def __init__(self, folder: Path):
         super().__init__(folder)
-        path = folder / layout.HF_QUANT_CONFIG
+        path = folder / facts.HF_QUANT_CONFIG
         q = load_json(path).get("quantization") if path.is_file() else None
         if not isinstance(q, dict):
             raise InputError(f"{path}: no 'quantization' block (not a ModelOpt checkpoint ct-convert can read back)")
@@ -52,15 +51,15 @@ class ModelOptOutput(HFOutputReader):
         self.model_dtype = _DTYPES.get(str(name).removeprefix("torch."), torch.bfloat16)
 
     def algorithm(self, module: str) -> tuple[str, int | None] | None:
-        if self.algo == layout.MIXED_PRECISION:
+        if self.algo == facts.MIXED_PRECISION:
             entry = self.layers.get(module)
             found = (entry["quant_algo"], entry.get("group_size")) if entry else None
         elif self.algo is None or self._excluded(module):
             found = None
         else:
             found = self.algo, self.group_size
-        if found and found[0] in layout.GROUPED and (type(found[1]) is not int or found[1] <= 0):
-            raise InputError(f"{self.folder / layout.HF_QUANT_CONFIG}: {module}: {found[0]} without a positive group_size")
+        if found and found[0] in facts.GROUPED and (type(found[1]) is not int or found[1] <= 0):
+            raise InputError(f"{self.folder / facts.HF_QUANT_CONFIG}: {module}: {found[0]} without a positive group_size")
         return found
 
     def _excluded(self, module: str) -> bool:
@@ -86,13 +85,13 @@ class ModelOptOutput(HFOutputReader):
         w = self._get(module, "weight")
         if w.dim() != 2:
             return None
-        if algo == layout.W4A16_AWQ:
+        if algo == facts.W4A16_AWQ:
             pre = self._get(module, "pre_quant_scale", (w.shape[-1],))
             if not bool((pre == 1).all()):
                 return None  # the smoothing multiplies the weight: compared dequantized
             u, scale = self._awq(module, w, gs)
             return GroupCodes(lambda: u, torch.full((scale.shape[1], scale.shape[0]), 8, dtype=torch.int16), scale.t())
-        if algo == layout.W8A16:
+        if algo == facts.W8A16:
             u = w.view(torch.uint8) ^ 0x80  # two's complement + 128 is the top bit flipped
             scale = self._get(module, "weight_scale", (w.shape[0],)).reshape(1, -1)
             return GroupCodes(lambda: u, torch.full(scale.shape, 128, dtype=torch.int16), scale)
@@ -119,7 +118,7 @@ class ModelOptOutput(HFOutputReader):
             return w
         algo, gs = found
         f32 = torch.float32
-        if algo == layout.W4A16_AWQ:
+        if algo == facts.W4A16_AWQ:
             u, scale = self._awq(module, w, gs)
             lead = u.shape[:-2]
             flat_u, flat_s = u.reshape(-1, *u.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
@@ -128,18 +127,18 @@ class ModelOptOutput(HFOutputReader):
             # the activation is multiplied by pre_quant_scale: the weight it meets is W * diag(pre)
             return out.mul_(self._get(module, "pre_quant_scale", (*lead, u.shape[-1])).to(f32).unsqueeze(-2))
         lead, (n, k) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
-        if algo == layout.W8A16:
+        if algo == facts.W8A16:
             return w.to(f32) * self._get(module, "weight_scale", (*lead, n)).to(f32).unsqueeze(-1)
-        if algo == layout.FP8:
+        if algo == facts.FP8:
             s = self._get(module, "weight_scale", lead).to(f32)
             return w.to(f32) * s.reshape(*s.shape, 1, 1)
-        if algo == layout.FP8_PER_CHANNEL_PER_TOKEN:
+        if algo == facts.FP8_PER_CHANNEL_PER_TOKEN:
             return w.to(f32) * self._get(module, "weight_scale", (*lead, n)).to(f32).unsqueeze(-1)
-        if algo == layout.FP8_BLOCK_SCALES:
+        if algo == facts.FP8_BLOCK_SCALES:
             s = self._get(module, "weight_scale", (*lead, -(-n // gs), -(-k // gs))).to(f32)
             s = s.repeat_interleave(gs, -2)[..., :n, :].repeat_interleave(gs, -1)[..., :k]
             return w.to(f32) * s
-        if algo in (layout.NVFP4, layout.W4A16_NVFP4):
+        if algo in (facts.NVFP4, facts.W4A16_NVFP4):
             values = E2M1[nibbles(w, -1).long()]
             block = self._get(module, "weight_scale", (*lead, n, 2 * k // gs))
             if block.dtype != torch.float8_e4m3fn or 2 * k % gs:
@@ -148,7 +147,7 @@ class ModelOptOutput(HFOutputReader):
             per_block = block.to(f32) * w2.reshape(*w2.shape, 1, 1)  # ModelOpt: scale.float() * weight_scale_2
             out = values.reshape(*values.shape[:-1], -1, gs) * per_block.unsqueeze(-1)
             return out.reshape(values.shape).to(self.model_dtype)
-        if algo == layout.W4A16_MXFP4:
+        if algo == facts.W4A16_MXFP4:
             values = E2M1[nibbles(w, -1).long()]
             e = self._get(module, "weight_scale", (*lead, n, 2 * k // gs))
             if e.dtype != torch.uint8 or 2 * k % gs:
@@ -158,10 +157,9 @@ class ModelOptOutput(HFOutputReader):
         raise InputError(f"{module}: quant_algo {algo} is not one ct-convert reads back")
 
 
-@register("trtllm")
-class ModelOptKind:
-    def detect(self, folder: Path) -> bool:
-        return (folder / layout.HF_QUANT_CONFIG).is_file() or quant_method(folder) == layout.QUANT_METHOD
+def detect(folder: Path, config) -> bool:
+    return (folder / facts.HF_QUANT_CONFIG).is_file() or quant_method(config) == facts.QUANT_METHOD
 
-    def open(self, folder: Path) -> ModelOptOutput:
-        return ModelOptOutput(folder)
+
+def open(folder: Path, source_architecture: str | None = None) -> ModelOptOutput:
+    return ModelOptOutput(folder)

@@ -1,0 +1,143 @@
+"""The config.json numbers the GGUF writer uses (gguf.md §3.1), checked before anything is built
+from them: each must be a number of the right kind and range (GGUF stores counts as uint32), and
+every size must agree with the tensors the checkpoint holds. A config that claims 10^7 layers for a
+one-layer checkpoint, 10^9 experts or a head_dim of 2^31 is refused naming the field, instead of
+sizing a name table, an expert list or the llama3 `rope_freqs` tensor from the claim.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ct_convert.architectures.base import ModelBase, expert_of
+from ct_convert.errors import InputError
+from ct_convert.readers.checkpoint import SourceReader
+
+U32 = 2**32 - 1
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")  # the decoder layers gguf-py maps to blk.N
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the order ModelBase.expert_count reads them in
+
+
+def check(reader: SourceReader, model: type[ModelBase]) -> None:
+    """Refuse config.json numbers `model` (the architecture's class) would be built from, before it is."""
+    config = reader.config
+    c = _Fields(config, str(reader.config_file or "config.json"))
+    shapes = {f"{m}.weight": tuple(info.shape) for m, info in reader.modules.items()}
+    shapes.update((t, tuple(reader.tensor_meta(t).shape)) for t in reader.passthrough())
+    largest = max((d for s in shapes.values() for d in s), default=0)
+
+    layers = {int(m[1]) for name in shapes if (m := _LAYER.search(name))}
+    n_layers = c.count("num_hidden_layers")
+    if n_layers is not None and not _exactly(layers, n_layers):
+        held = _numbered("layers", layers)
+        c.refuse("num_hidden_layers", n_layers, f"but the checkpoint's tensors hold {held}")
+
+    hidden = c.count("hidden_size", largest)
+    heads = c.count("num_attention_heads", largest)
+    kv_heads = c.count("num_key_value_heads", largest) or heads
+    head_dim = c.count("head_dim", largest, allow_zero=True) or (hidden // heads if hidden and heads else None)
+    if head_dim == 0:
+        c.refuse("hidden_size", hidden, f"smaller than num_attention_heads {heads}")
+    if model.rope_pairs_rows and head_dim is not None and head_dim % 2:
+        c.refuse("head_dim", head_dim, "odd, but llama's rope rotates pairs of rows")
+    if heads and head_dim:
+        c.rows("num_attention_heads x head_dim", heads * head_dim, "model.layers.0.self_attn.q_proj.weight", shapes)
+        c.rows("num_key_value_heads x head_dim", kv_heads * head_dim, "model.layers.0.self_attn.k_proj.weight", shapes)
+    embed = shapes.get("model.embed_tokens.weight")
+    if hidden and embed and embed[-1] != hidden:
+        c.refuse("hidden_size", hidden, f"but model.embed_tokens.weight has {embed[-1]} columns")
+    c.rows("intermediate_size", c.count("intermediate_size"), "model.layers.0.mlp.up_proj.weight", shapes)
+
+    experts = {found[1] for name in shapes if (found := expert_of(name))}
+    for key in EXPERT_KEYS:
+        c.count(key, allow_zero=True)
+    key = next((k for k in EXPERT_KEYS if config.get(k)), None)
+    if key is not None and (experts or model.moe):
+        n_experts = int(config[key])
+        if not _exactly(experts, n_experts):
+            c.refuse(key, n_experts, f"but the checkpoint's tensors hold {_numbered('experts', experts)}")
+        used = c.count("num_experts_per_tok")
+        if used is not None and used > n_experts:
+            c.refuse("num_experts_per_tok", used, f"more than the {n_experts} experts")
+        c.rows("moe_intermediate_size", c.count("moe_intermediate_size"),
+               "model.layers.0.mlp.experts.0.up_proj.weight", shapes)
+    c.count("decoder_sparse_step")
+    c.count("max_position_embeddings")
+    c.positive("rms_norm_eps")
+    _rope(c, config)
+
+
+def _exactly(found: set[int], n: int) -> bool:
+    """`found` is 0..n-1 (compared without building a range as large as a claim)."""
+    return len(found) == n and (n == 0 or (min(found) == 0 and max(found) == n - 1))
+
+
+def _numbered(what: str, found: set[int]) -> str:
+    if not found:
+        return f"no {what}"
+    gaps = "" if _exactly(found, len(found)) else f" ({len(found)} of them, with gaps)"
+    return f"{what} {min(found)}..{max(found)}{gaps}"
+
+
+def _rope(c: "_Fields", config: dict) -> None:
+    for key in ("rope_scaling", "rope_parameters"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            c.refuse(key, config[key], "not a JSON object")
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"  # as architectures.base.rope_params picks them
+    params = config.get(key) or {}
+    c.positive("rope_theta")
+    p = _Fields(params, c.where, prefix=f"{key}.")
+    for kind in ("rope_type", "type"):
+        if params.get(kind) is not None and not isinstance(params[kind], str):
+            p.refuse(kind, params[kind], "not a string")
+    p.positive("rope_theta")
+    p.positive("factor")
+    p.count("original_max_position_embeddings")
+    low, high = p.positive("low_freq_factor"), p.positive("high_freq_factor")
+    if (params.get("rope_type") or params.get("type")) == "llama3" and (high or 4.0) <= (low or 1.0):
+        p.refuse("high_freq_factor", high or 4.0, f"not above low_freq_factor {low or 1.0}")
+
+
+class _Fields:
+    """Typed reads of one config object; every failure names the file and the field."""
+
+    def __init__(self, config: dict, where: str, prefix: str = ""):
+        self.config = config
+        self.where = where
+        self.prefix = prefix
+
+    def refuse(self, key: str, value, why: str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise InputError(f"{self.where}: {self.prefix}{key} is {shown}, {why}")
+
+    def count(self, key: str, most: int = U32, allow_zero: bool = False) -> int | None:
+        """A whole number in 1..min(most, 2^32-1) (or 0, where the writer reads 0 as absent)."""
+        v = self.config.get(key)
+        if v is None:
+            return None
+        whole = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v.is_integer())
+        if isinstance(v, bool) or not whole:
+            self.refuse(key, v, "not a whole number")
+        v = int(v)
+        if v == 0 and allow_zero:
+            return 0
+        if not 1 <= v <= min(most, U32):
+            bound = " (the largest dimension of any tensor)" if most < U32 else ""
+            self.refuse(key, v, f"outside 1..{min(most, U32)}{bound}")
+        return v
+
+    def positive(self, key: str) -> float | None:
+        v = self.config.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            self.refuse(key, v, "not a finite positive number")
+        return float(v)
+
+    def rows(self, what: str, want: int | None, tensor: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The tensor that `what` sizes, where the checkpoint has it, has exactly that many rows."""
+        shape = shapes.get(tensor)
+        if want is not None and shape and len(shape) >= 2 and shape[-2] != want:
+            raise InputError(f"{self.where}: {what} is {want}, but {tensor} has {shape[-2]} rows")

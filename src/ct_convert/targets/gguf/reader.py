@@ -1,0 +1,161 @@
+"""GGUF output (gguf.md): read back with gguf-py's reader and dequantizers, mapped to HF names.
+
+HF module -> GGUF tensor(s) as the architecture class says (architectures/: gguf-py's name map,
+per-expert modules as slices of the stacked `*_exps` tensor, row orders such as llama's Q/K rope
+order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
+(where it equals the source, gguf.md §0.1).
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ct_convert import architectures
+from ct_convert.architectures import Part
+from ct_convert.errors import InputError
+from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
+from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
+
+_ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
+
+
+def detect(folder: Path, config) -> bool:
+    return any(folder.glob("*.gguf"))
+
+
+def open(folder: Path, source_architecture: str | None = None) -> "GGUFOutput":
+    return GGUFOutput(folder, source_architecture)
+
+
+class GGUFOutput:
+    working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
+
+    def __init__(self, folder: Path, source_architecture: str | None = None):
+        self.files = sorted(folder.glob("*.gguf"))
+        try:
+            self.readers = [gguf.GGUFReader(f) for f in self.files]
+        except (OSError, ValueError) as e:
+            raise InputError(f"{folder}: unreadable GGUF ({e})") from None
+        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        # np.memmap keeps its mmap object private; without it pages are simply not released early
+        self._maps = {t.name: getattr(r.data, "_mmap", None) for r in self.readers for t in r.tensors}
+        head = self.readers[0]
+        arch = self._field(head, "general.architecture")
+        # the source's class names its tensors, when it is one for this GGUF architecture (several
+        # HF classes may share one); else the first registered for it
+        cls = architectures.ARCHITECTURES.get(source_architecture)
+        if cls is None or cls.gguf_arch_name() != arch:
+            cls = architectures.for_gguf(arch)
+        if cls is None:
+            raise InputError(f"{folder}: GGUF architecture {arch!r} is not one ct-convert writes")
+        self.model = cls.from_gguf(lambda key: self._field(head, key))
+
+    @staticmethod
+    def _field(reader: gguf.GGUFReader, key: str):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    def _locate(self, hf_name: str) -> list[tuple[object, Part]] | None:
+        """The stored tensor of every part of an HF tensor, or None if any is absent."""
+        parts = self.model.modify_tensors(hf_name)
+        if not parts or any(p.name not in self.tensors for p in parts):
+            return None
+        return [(self.tensors[p.name], p) for p in parts]
+
+    def decode(self, module: str) -> GroupCodes | None:
+        """Q4_0 / Q8_0 blocks as codes, the implicit zero point (8 / 128) and one fp16 scale per 32
+        columns (gguf.md §2.1, §2.3): Q4_0 byte j holds element j (low nibble) and j + 16."""
+        located = self._locate(f"{module}.weight")
+        if located is None or len(located) > 1:  # a split: compared dequantized
+            return None
+        ((t, part),) = located
+        expert = part.expert
+        qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+        if qtype not in _ZERO_CODE:
+            return None
+        size, zero = block_bytes(qtype), _ZERO_CODE[qtype]
+        raw = torch.from_numpy(self._copy(t, t.data if expert is None else t.data[expert]))  # [N, row bytes]
+        n = raw.shape[0]
+        blocks = _restore_rows([(part, raw.reshape(n, -1, size))])
+        scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, -1).t()
+        qs = blocks[..., 2:]
+
+        def unpack() -> torch.Tensor:
+            if qtype == "Q8_0":
+                return (qs.contiguous().view(torch.int8) ^ -128).view(torch.uint8).reshape(n, -1)  # q + 128
+            return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
+
+        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales)
+
+    def dequantize(self, module: str) -> torch.Tensor | None:
+        return self.tensor(f"{module}.weight")
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        located = self._locate(name)
+        if located is None:
+            return None
+        pieces = []
+        for t, part in located:
+            pieces.append((part, self._values(t, part.expert)))
+            self._release(t)
+        return _restore_rows(pieces)
+
+    def _release(self, t) -> None:
+        """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
+        page of the memory-mapped file stays resident and the process grows to the file's size."""
+        if not hasattr(mmap, "MADV_DONTNEED") or self._maps[t.name] is None:
+            return
+        start = t.data_offset - t.data_offset % mmap.PAGESIZE
+        self._maps[t.name].madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+
+    def _copy(self, t, data: np.ndarray) -> np.ndarray:
+        """A writable copy of a memory-mapped tensor, made a band at a time with the mapped pages
+        released after each band, so the copy and the mapping are never both resident."""
+        out = np.empty(data.shape, dtype=data.dtype)
+        src, dst = data.reshape(-1), out.reshape(-1)
+        step = max(1, BAND_BYTES // max(1, data.itemsize))
+        for i in range(0, src.size, step):
+            dst[i:i + step] = src[i:i + step]
+            self._release(t)
+        return out
+
+    def _values(self, t, expert: int | None) -> torch.Tensor:
+        qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        data = t.data if expert is None else t.data[expert]
+        if qtype.name in QUANTIZED:
+            value = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype)))
+            if qtype.name == "NVFP4":
+                scale = self.tensors[t.name.removesuffix(".weight") + ".scale"].data
+                factor = float(scale[expert if expert is not None else 0])
+                value = (value * torch.tensor(factor, dtype=torch.float32)).to(torch.bfloat16)
+            return value
+        if qtype.name == "BF16":
+            raw = self._copy(t, data).view(np.int16)
+            return torch.from_numpy(raw).view(torch.bfloat16).reshape(_element_shape(t, expert))
+        if qtype.name in ("F16", "F32"):
+            return torch.from_numpy(self._copy(t, data)).reshape(_element_shape(t, expert))
+        raise InputError(f"{t.name}: GGUF type {qtype.name} is not one ct-convert writes")
+
+
+def _element_shape(t, expert: int | None) -> tuple[int, ...]:
+    shape = tuple(int(x) for x in reversed(t.shape))  # ggml ne order -> numpy order
+    return shape[1:] if expert is not None else shape
+
+
+def _restore_rows(pieces: list[tuple[Part, torch.Tensor]]) -> torch.Tensor:
+    """The source tensor from its stored parts (rows of values, or of whole blocks alike): each part
+    holds the source rows its `select` names, in that order; the source has all their rows."""
+    if len(pieces) == 1 and pieces[0][0].select is None:
+        return pieces[0][1]
+    n = sum(v.shape[0] for _, v in pieces)
+    dtypes = {v.dtype for _, v in pieces}
+    out = torch.empty((n, *pieces[0][1].shape[1:]), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    for part, v in pieces:
+        rows = part.rows(n)
+        out[torch.arange(n) if rows is None else rows] = v
+    return out
