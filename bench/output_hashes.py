@@ -3,6 +3,12 @@
     python bench/output_hashes.py --out /tmp/before.json          # on the old code
     python bench/output_hashes.py --out /tmp/after.json           # on the new code
     python bench/output_hashes.py --compare /tmp/before.json /tmp/after.json
+    python bench/output_hashes.py --compare --files-only /tmp/before.json /tmp/after.json
+
+To fingerprint another commit's code on the same sources, run this script from this checkout with
+PYTHONPATH pointing at that commit's src/ (a `git worktree add /tmp/base COMMIT`); --targets limits
+the runs to targets both commits have. --files-only compares exit codes and the `files` sections only
+(what must not change), not refusal wording, manifests or `inspect`.
 
 Runs `repack` for every fixture (and a few synthetic or edited sources the tests use: tensor-parallel
 Llama/Qwen2 checkpoints, the GGUF architectures, sources whose config or scales were edited) x every
@@ -28,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-TARGETS = ("dense", "awq", "gptq", "marlin", "trtllm", "gguf")
+TARGETS = ("dense", "awq", "gptq", "marlin", "trtllm", "trtllm-legacy", "gguf", "mlx")
 
 # per target: option lists run on every source (the tests' combinations)
 VARIANTS = {
@@ -36,10 +42,12 @@ VARIANTS = {
     "awq": [[], ["--keep-unsupported", "dense"]],
     "gptq": [[], ["--gptq-format", "v2"], ["--keep-unsupported", "dense"], ["--gptq-format", "v2", "--keep-unsupported", "dense"]],
     "marlin": [[], ["--keep-unsupported", "dense"]],
-    "trtllm": [[], ["--sm", "80"], ["--sm", "89"], ["--sm", "90"], ["--sm", "100"], ["--tp-size", "2"],
-               ["--tp-size", "2", "--sm", "80"], ["--tp-size", "4"], ["--keep-unsupported", "dense"],
-               ["--keep-unsupported", "dense", "--sm", "80"], ["--dtype", "float16", "--sm", "80"]],
+    "trtllm": [[], ["--keep-unsupported", "dense"], ["--strict"], ["--dtype", "float16"]],
+    "trtllm-legacy": [[], ["--sm", "80"], ["--sm", "89"], ["--sm", "90"], ["--sm", "100"], ["--tp-size", "2"],
+                      ["--tp-size", "2", "--sm", "80"], ["--tp-size", "4"], ["--keep-unsupported", "dense"],
+                      ["--keep-unsupported", "dense", "--sm", "80"], ["--dtype", "float16", "--sm", "80"]],
     "gguf": [[], ["--nvfp4"], ["--strict"], ["--nvfp4", "--strict"]],
+    "mlx": [[], ["--keep-unsupported", "dense"], ["--dtype", "float16"]],
 }
 
 
@@ -65,13 +73,21 @@ def build_sources(folder: Path) -> None:
             make(dst)
             (dst / ".done").write_text("")
 
-    from test_trtllm_tp import make_checkpoint
+    # generators imported only when a source is missing: a run of another commit's code then reuses
+    # the sources without importing this checkout's tests
+    def make_checkpoint(*args):
+        from test_trtllm_tp import make_checkpoint
+
+        make_checkpoint(*args)
+
+    def build(*args):
+        from make_gguf_fixtures import build
+
+        build(*args)
 
     for scheme, arch in (("sym-g128", "LlamaForCausalLM"), ("asym-g128", "Qwen2ForCausalLM"), ("asym-g128", "MistralForCausalLM"),
                          ("channel4", "LlamaForCausalLM"), ("channel8", "Qwen2ForCausalLM"), ("fp8", "LlamaForCausalLM")):
         once(f"tp-{scheme}-{arch}", lambda d, s=scheme, a=arch: make_checkpoint(d, s, a))
-
-    from make_gguf_fixtures import build
 
     for arch, preset in (("llama", "W4A16"), ("llama", "W4A16_ASYM"), ("llama", "W8A16"), ("qwen2", "W4A16"),
                          ("qwen3", "W4A16"), ("qwen3moe", "W8A16")):
@@ -166,7 +182,7 @@ class Runner:
         return rec
 
 
-def collect(sources_dir: Path, work: Path) -> dict:
+def collect(sources_dir: Path, work: Path, targets: tuple[str, ...]) -> dict:
     build_sources(sources_dir)
     sources = fixture_sources()
     sources.update({p.name: p for p in sorted(sources_dir.iterdir()) if (p / ".done").exists()})
@@ -182,7 +198,7 @@ def collect(sources_dir: Path, work: Path) -> dict:
         results["inspect"][name] = json.loads(stdout) if code == 0 else {"code": code, "stderr": stderr.strip().splitlines()[:1]}
         if code == 0:
             results["inspect"][name].pop("source", None)
-        for target in TARGETS:
+        for target in targets:
             for opts in VARIANTS[target]:
                 results["repack"][f"{name} | {target} {' '.join(opts)}".strip()] = r.repack(src, target, opts)
         print(f"{name}: {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
@@ -196,17 +212,21 @@ def collect(sources_dir: Path, work: Path) -> dict:
         ("w4a16-g128", "gptq", ["--dtype", "float16"]),
     ]
     for name, target, opts in extra:
+        if target not in targets:
+            continue
         key = f"{name} | {target} {' '.join(opts)}".replace(str(vocab), "VOCAB")
         results["repack"][key] = r.repack(sources[name], target, opts)
     return results
 
 
-def compare(a: dict, b: dict) -> int:
+def compare(a: dict, b: dict, files_only: bool = False) -> int:
     bad = 0
-    for section in ("repack", "inspect"):
+    for section in ("repack",) if files_only else ("repack", "inspect"):
         keys = sorted(set(a[section]) | set(b[section]))
         for k in keys:
             x, y = a[section].get(k), b[section].get(k)
+            if files_only and x is not None and y is not None:
+                x, y = ({f: r.get(f) for f in ("code", "files")} for r in (x, y))
             if x == y:
                 continue
             bad += 1
@@ -217,7 +237,7 @@ def compare(a: dict, b: dict) -> int:
             for field in sorted(set(x) | set(y)):
                 if x.get(field) != y.get(field):
                     print(f"   {field}:\n     before {json.dumps(x.get(field))[:600]}\n     after  {json.dumps(y.get(field))[:600]}")
-    n = sum(len(a[s]) for s in ("repack", "inspect"))
+    n = sum(len(a[s]) for s in (("repack",) if files_only else ("repack", "inspect")))
     print(f"{n} records, {bad} differ")
     return 1 if bad else 0
 
@@ -228,14 +248,16 @@ def main() -> None:
     ap.add_argument("--sources", type=Path, default=Path("/tmp/ct-convert-hash-sources"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/ct-convert-hash-work"))
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    ap.add_argument("--files-only", action="store_true", help="compare exit codes and `files` sections only")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets to run (default: all)")
     args = ap.parse_args()
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
-        raise SystemExit(compare(a, b))
+        raise SystemExit(compare(a, b, args.files_only))
     if args.out is None:
         ap.error("--out or --compare")
     args.work.mkdir(parents=True, exist_ok=True)
-    results = collect(args.sources, args.work)
+    results = collect(args.sources, args.work, tuple(args.targets.split(",")))
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     codes = [r["code"] for r in results["repack"].values()]
     print(f"{len(codes)} repack runs ({codes.count(0)} written, {len(codes) - codes.count(0)} refused) -> {args.out}", file=sys.stderr)
