@@ -111,8 +111,9 @@ def repack(
     gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help="GPTQ checkpoint format (gptq target)."),
     tp_size: int = typer.Option(1, "--tp-size", min=1, help="Tensor-parallel ranks (trtllm-legacy target)."),
     sm: Optional[int] = typer.Option(None, "--sm", help="GPU architecture 80, 89, 90 or 100 (trtllm-legacy W4A16_GPTQ)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target) or of an inexact NVFP4 activation scale (modelopt target)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse instead of falling back to BF16/F32 (gguf target)."),
     vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help="Take the vocabulary from this GGUF file (gguf target)."),
+    approx_input_scales: bool = typer.Option(False, "--approx-input-scales", help="trtllm: write an NVFP4 input_scale one float32 ulp off where no exact one exists (weights stay exact), instead of refusing."),
     nvfp4: bool = typer.Option(False, "--nvfp4", help="Write NVFP4 weights as GGUF NVFP4 (gguf target)."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = JsonOpt,
@@ -145,6 +146,7 @@ def repack(
         strict=strict,
         vocab_from=vocab_from,
         nvfp4=nvfp4,
+        approx_input_scales=approx_input_scales,
         verify=verify,
     )
     if workers:
