@@ -3,7 +3,7 @@
     python bench/output_hashes.py --out /tmp/before.json          # on the old code
     python bench/output_hashes.py --out /tmp/after.json           # on the new code
     python bench/output_hashes.py --compare /tmp/before.json /tmp/after.json
-    python bench/output_hashes.py --compare --files-only /tmp/before.json /tmp/after.json
+    python bench/output_hashes.py --files-only --compare /tmp/before.json /tmp/after.json
 
 To fingerprint another commit's code on the same sources, run this script from this checkout with
 PYTHONPATH pointing at that commit's src/ (a `git worktree add /tmp/base COMMIT`); --targets limits

@@ -335,6 +335,15 @@ def test_gguf_truncated_tokenizer_config(refused, tmp_path):
     refused(src, names=["tokenizer_config.json", "invalid JSON"], target="gguf")
 
 
+def test_gguf_tokenizer_json_over_the_json_limit_is_refused_unread(refused, tmp_path):
+    """A 200 MB tokenizer.json once peaked at 3.3 GB: files over the JSON limit are refused from
+    their size (a sparse file here: nothing of it is read)."""
+    src = copy_fixture("gguf/qwen3moe-w4a16", tmp_path / "src")
+    with open(src / "tokenizer.json", "r+b") as f:
+        f.truncate(200_000_000)
+    refused(src, names=["tokenizer.json", "limit"], target="gguf")
+
+
 def _gguf(path, n_kv: int, arrays: bytes = b""):
     def s(text):
         return struct.pack("<Q", len(text)) + text.encode()

@@ -258,7 +258,7 @@ def test_verify_sees_a_wrong_weight_scale_2(cli, tmp_path):
     assert r.code == 1
 
 
-def test_inexact_input_scale_is_noted_or_refused_with_strict(cli, tmp_path):
+def test_inexact_input_scale_is_refused_unless_asked_for(cli, tmp_path):
     from ct_convert.targets.modelopt.plan import input_scale
 
     # a float32 g with no float32 x such that 1/x == g (checked here, so the case is real)
@@ -267,12 +267,12 @@ def test_inexact_input_scale_is_noted_or_refused_with_strict(cli, tmp_path):
     t = load_file(src / "model.safetensors")
     t[f"{L0}.mlp.down_proj.input_global_scale"] = g.reshape(1)
     save_file(t, src / "model.safetensors", metadata={"format": "pt"})
-    r = cli("repack", src, tmp_path / "o", "--target", "trtllm", "--json")
+    r = cli("repack", src, tmp_path / "s", "--target", "trtllm")
+    assert r.code == 2 and "down_proj" in r.err and "--approx-input-scales" in r.err and not (tmp_path / "s").exists()
+    r = cli("repack", src, tmp_path / "o", "--target", "trtllm", "--approx-input-scales", "--json")
     assert r.code == 0 and any("one float32 ulp" in n and "down_proj" in n for n in r.json()["notes"])
     got = load_file(tmp_path / "o" / "model.safetensors")[f"{L0}.mlp.down_proj.input_scale"]
-    assert got == input_scale(g.reshape(1))[0]
-    r = cli("repack", src, tmp_path / "s", "--target", "trtllm", "--strict")
-    assert r.code == 2 and "--strict" in r.err and not (tmp_path / "s").exists()
+    assert got.view(torch.int32) == input_scale(g.reshape(1))[0].view(torch.int32)
 
 
 def test_per_head_kv_cache_is_refused(cli, tmp_path):

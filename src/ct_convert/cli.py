@@ -109,8 +109,9 @@ def repack(
     gptq_format: GPTQFormat = typer.Option(GPTQFormat.v1, "--gptq-format", help=f"GPTQ checkpoint format ({_takes('gptq_format')} target)."),
     tp_size: int = typer.Option(1, "--tp-size", min=1, help=f"Tensor-parallel ranks ({_takes('tp_size')} target)."),
     sm: Optional[int] = typer.Option(None, "--sm", help=f"GPU architecture 80, 89, 90 or 100 ({_takes('sm')} W4A16_GPTQ)."),
-    strict: bool = typer.Option(False, "--strict", help=f"Refuse instead of writing a fallback: BF16/F32 tensors, an inexact NVFP4 activation scale ({_takes('strict')} targets)."),
+    strict: bool = typer.Option(False, "--strict", help=f"Refuse instead of falling back to BF16/F32 ({_takes('strict')} target)."),
     vocab_from: Optional[Path] = typer.Option(None, "--vocab-from", help=f"Take the vocabulary from this GGUF file ({_takes('vocab_from')} target)."),
+    approx_input_scales: bool = typer.Option(False, "--approx-input-scales", help=f"Write an NVFP4 input_scale one float32 ulp off where no exact one exists (weights stay exact), instead of refusing ({_takes('approx_input_scales')} target)."),
     nvfp4: bool = typer.Option(False, "--nvfp4", help=f"Write NVFP4 weights as GGUF NVFP4 ({_takes('nvfp4')} target)."),
     revision: Optional[str] = RevisionOpt,
     json_out: bool = JsonOpt,
@@ -142,6 +143,7 @@ def repack(
         strict=strict,
         vocab_from=vocab_from,
         nvfp4=nvfp4,
+        approx_input_scales=approx_input_scales,
         verify=verify,
     )
     if workers:

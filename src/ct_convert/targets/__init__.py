@@ -34,7 +34,7 @@ TABLE: tuple[TargetSpec, ...] = (
     TargetSpec("marlin", "marlin", options=("keep_unsupported",)),
     # detect_order 0: these folders also hold a config.json and safetensors the dense reader would
     # claim (ModelOpt's has a quantization_config of its own, trtllm-build's and an all-float MLX one none)
-    TargetSpec("trtllm", "modelopt", options=("strict", "keep_unsupported"), aliases=("modelopt",), detect_order=0),
+    TargetSpec("trtllm", "modelopt", options=("approx_input_scales", "keep_unsupported"), aliases=("modelopt",), detect_order=0),
     TargetSpec("trtllm-legacy", "trtllm_legacy", options=("tp_size", "sm", "keep_unsupported"), detect_order=0),
     TargetSpec("gguf", "gguf", options=("strict", "vocab_from", "nvfp4")),
     TargetSpec("mlx", "mlx", options=("keep_unsupported",), detect_order=0),

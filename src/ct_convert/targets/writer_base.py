@@ -30,6 +30,7 @@ class RepackOptions:
     strict: bool = False
     vocab_from: Path | None = None
     nvfp4: bool = False
+    approx_input_scales: bool = False
     verify: bool = True
 
     def as_json(self) -> dict:
@@ -44,6 +45,7 @@ class RepackOptions:
             "strict": self.strict,
             "vocab_from": str(self.vocab_from) if self.vocab_from else None,
             "nvfp4": self.nvfp4,
+            "approx_input_scales": self.approx_input_scales,
             "verify": self.verify,
         }
 

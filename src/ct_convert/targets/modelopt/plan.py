@@ -190,7 +190,7 @@ def build(reader, opts: RepackOptions, read_values: bool = True) -> Algorithms:
             f"NVFP4 input_scale: no float32 value x has 1/x equal to input_global_scale in {len(inexact_inputs)} "
             f"module(s) ({', '.join(inexact_inputs[:3])}{', ...' if len(inexact_inputs) > 3 else ''}); input_scale is "
             "the float32 nearest 1/input_global_scale, so TensorRT-LLM's activation multiplier differs from it by one "
-            "float32 ulp (weights are unaffected; --strict refuses this)"
+            "float32 ulp (weights are unaffected; written so because --approx-input-scales was given)"
         )
     _fused(reader, algos, reasons, notes, read_values)
     _consumer_notes(algos, notes)
@@ -229,8 +229,9 @@ def _value_refusal(reader, info: ModuleInfo, algo: Algo, opts: RepackOptions, in
         if g.numel() != 1:
             return f"input_global_scale has {g.numel()} values; ModelOpt stores one input_scale per linear"
         if not input_scale(g)[1]:
-            if opts.strict:
-                return "input_global_scale has no float32 reciprocal that inverts back to it exactly (--strict)"
+            if not opts.approx_input_scales:
+                return ("input_global_scale has no float32 reciprocal that TensorRT-LLM inverts back to it exactly "
+                        "(pass --approx-input-scales to accept one float32 ulp on the activation scale; weights stay exact)")
             inexact.append(info.name)
     return None
 
