@@ -42,7 +42,7 @@ VARIANTS = {
     "awq": [[], ["--keep-unsupported", "dense"]],
     "gptq": [[], ["--gptq-format", "v2"], ["--keep-unsupported", "dense"], ["--gptq-format", "v2", "--keep-unsupported", "dense"]],
     "marlin": [[], ["--keep-unsupported", "dense"]],
-    "trtllm": [[], ["--keep-unsupported", "dense"], ["--strict"], ["--dtype", "float16"]],
+    "trtllm": [[], ["--keep-unsupported", "dense"], ["--approx-input-scales"], ["--dtype", "float16"]],
     "trtllm-legacy": [[], ["--sm", "80"], ["--sm", "89"], ["--sm", "90"], ["--sm", "100"], ["--tp-size", "2"],
                       ["--tp-size", "2", "--sm", "80"], ["--tp-size", "4"], ["--keep-unsupported", "dense"],
                       ["--keep-unsupported", "dense", "--sm", "80"], ["--dtype", "float16", "--sm", "80"]],
