@@ -51,6 +51,8 @@ def survey(source: Path, vocab_from: Path | None) -> str | None:
     tokenizer files present already rule out."""
     if vocab_from is not None:
         return "the vocabulary of --vocab-from"
+    if not source.is_dir():  # a Hub repo inspected from its headers: its tokenizer files are not read
+        return "the tokenizer files (not downloaded by inspect)"
     if (source / "tokenizer.json").is_file():
         return "the conversion of tokenizer.json (byte-level BPE only)"
     _refuse_other_tokenizers(source)
