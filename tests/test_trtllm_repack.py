@@ -93,9 +93,8 @@ def test_w4a16_asym_g128_to_w4a16_gptq(cli, tmp_path, sm):
         assert w.dtype == torch.bfloat16 and w.shape == (k, n // 4)
         assert w.contiguous().view(torch.uint8).numpy().tobytes() == reference_bytes(s.t().contiguous(), 4, sm), trt
         assert equal_bits(rank[f"{name}.weights_scaling_factor"], scale.t())
-        # TensorRT-LLM's converters: zero = (8 - z) * scale, an int x bfloat16 torch product (compared by
-        # value: the writer gives -0.0 where 8 - z = 0, and the converter +0.0)
-        assert torch.equal(rank[f"{name}.zero"], ((8 - z_unsigned) * scale).t())
+        # TensorRT-LLM's converters: zero = (8 - z) * scale, an int x bfloat16 torch product (+0.0 where z = 8)
+        assert equal_bits(rank[f"{name}.zero"], ((8 - z_unsigned) * scale).t())
 
 
 def test_gptq_output_dequantizes_to_the_library_reference(cli, tmp_path):

@@ -123,6 +123,8 @@ def survey(source: Path, vocab_from: Path | None) -> str | None:
     which may still be refused), or None where there is nothing to decide."""
     if vocab_from is not None:
         return "the vocabulary of --vocab-from"
+    if not Path(source).is_dir():  # a Hub repo inspected from its headers: its tokenizer files are not read
+        return "the tokenizer files (not downloaded by inspect)"
     present = [f for f in TOKENIZER_FILES if f != "tokenizer_config.json" and _present(Path(source) / f)]
     return f"the conversion of {present[0]}" if present else None
 

@@ -94,8 +94,10 @@ def _quantized(reader: SourceReader, plan: planning.Layout, lp: planning.LinearP
         elif algo == planning.W4A16_GPTQ:
             weight = preprocess_weights_for_mixed_gemm(s.t().contiguous(), 4, plan.sm).view(dt)
             z = _shard(plan, lp, zeros, r)
-            # (8 - z_unsigned) == -z_signed; product in fp32 of the model-dtype scale, rounded once
-            zero = ((-z.to(torch.float32)) * scale.to(torch.float32)).to(dt)
+            # (8 - z_unsigned) == -z_signed, negated as an integer (a float negation would make -0.0 of
+            # a zero offset, where the converters' int x float product gives +0.0); the product in fp32
+            # of the model-dtype scale, rounded once
+            zero = ((-z.to(torch.int16)).to(torch.float32) * scale.to(torch.float32)).to(dt)
             out.append({"weight": weight, "weights_scaling_factor": scale.t(), "zero": zero.t()})
         else:
             bits = planning.BITS[algo]

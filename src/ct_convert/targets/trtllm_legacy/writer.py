@@ -45,6 +45,8 @@ class TRTLLMWriter(TargetWriter):
         plan.notes = list(layout.notes) + _notes(layout)
         plan.units = _units(reader, layout)
         plan.detail = layout
+        if plan.inspecting:
+            plan.at_repack = _cast_checks(reader, layout)
 
     def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
         layout = plan.detail
@@ -74,6 +76,30 @@ class TRTLLMWriter(TargetWriter):
             sha, size = copy_with_hash(reader.root / rel, out / rel)
             files[str(rel)] = {"sha256": sha, "size": size}
         return files
+
+
+def _cast_checks(reader: SourceReader, layout: planning.Layout) -> str | None:
+    """For `inspect`: what the exact casts of carried float tensors to the model dtype decide, or None."""
+    dtypes = set()
+    for t in _carried_floats(layout):
+        dt = reader.tensor_meta(t).torch_dtype
+        if dt.is_floating_point and dt.itemsize >= 2 and dt != layout.dtype:
+            dtypes.add(DTYPE_NAMES.get(dt, str(dt)))
+    if not dtypes:
+        return None
+    return f"the {'/'.join(sorted(dtypes))} tensors carried over must be exact in {DTYPE_NAMES[layout.dtype]}"
+
+
+def _carried_floats(layout: planning.Layout):
+    """The source tensors cast to the model dtype: norms and embeddings, biases, float linears, lm_head."""
+    yield from layout.replicated
+    for lp in layout.linears:
+        if lp.bias:
+            yield from (f"{p}.bias" for p in lp.linear.parts)
+        if lp.mode == planning.FLOAT:
+            yield from (f"{p}.weight" for p in lp.linear.parts)
+    if layout.lm_head != "module":
+        yield "lm_head.weight" if layout.lm_head == "tensor" else "model.embed_tokens.weight"
 
 
 def _unit(sources, specs: list[list[TensorSpec]], how: str, produce: Produce, source_bytes: int, reason: str | None = None) -> Unit:
