@@ -98,6 +98,9 @@ class ModelBase:
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
     trtllm_legacy: dict | None = None
+    # name prefixes of parts llama.cpp keeps in another file (a vision tower for mmproj) that is not
+    # written yet: their tensors are dropped, listed in the manifest, and a note says so
+    towers: tuple[str, ...] = ()
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
         self.n_layers = n_layers
@@ -185,8 +188,11 @@ class ModelBase:
 
     # -- tensors -------------------------------------------------------------------------------
     def is_dropped(self, hf_name: str) -> bool:
-        """A source tensor no llama.cpp graph reads."""
-        return bool(_DROPPED.search(hf_name))
+        """A source tensor no llama.cpp graph reads, or one of a tower written elsewhere."""
+        return bool(_DROPPED.search(hf_name)) or self.in_tower(hf_name)
+
+    def in_tower(self, hf_name: str) -> bool:
+        return hf_name.startswith(self.towers)
 
     def modify_tensors(self, hf_name: str) -> list[Part] | None:
         """The GGUF tensors one HF tensor becomes (None: it has no counterpart): per-expert tensors

@@ -48,3 +48,22 @@ def rope_freqs(config: dict) -> torch.Tensor | None:
     mid = 1.0 / ((1 - smooth) / factor + smooth)
     out = torch.where(wavelen < old_ctx / high, torch.ones_like(freqs), torch.where(wavelen > old_ctx / low, torch.full_like(freqs, factor), mid))
     return out.to(torch.float32)
+
+
+@register("Mistral3ForConditionalGeneration")
+class Mistral3Model(LlamaModel):
+    """The text model of Mistral-3 (Mistral-Small-3.1): llama.cpp's `mistral3` graph, llama's Q/K row
+    order, weights under `language_model.`. The vision tower and projector go to llama.cpp's separate
+    mmproj file, which is not written yet: they are dropped, listed, and said so (`towers`)."""
+
+    gguf_arch = gguf.MODEL_ARCH.MISTRAL3
+    trtllm_legacy = None
+    towers = ("vision_tower.", "multi_modal_projector.")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelBase":
+        # the text model's numbers live in text_config; what only the top level says (quantization) stays
+        return super().from_config({**config, **(config.get("text_config") or {})})
+
+    def modify_tensors(self, hf_name: str):
+        return super().modify_tensors(hf_name.removeprefix("language_model."))

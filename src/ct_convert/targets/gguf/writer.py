@@ -160,6 +160,12 @@ def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[Mode
             plan.dropped.append(t)
             continue
         place(t, "tensor", t)
+    towers = [t for t in plan.dropped if model.in_tower(t)]
+    if towers:
+        plan.notes.append(
+            f"{len(towers)} tensors of the vision tower and projector ({', '.join(model.towers)}) are not in the GGUF: "
+            "llama.cpp keeps them in a separate mmproj file, which ct-convert does not write yet (listed in dropped_tensors)"
+        )
     n_experts = model.expert_count()
     for g, items in grouped.items():
         entries.append(_entry(reader, model, g, sorted(items), selects[g], n_experts, opts))
