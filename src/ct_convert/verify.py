@@ -17,8 +17,8 @@ import torch
 from ct_convert.output import sha256_file
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
-from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 from ct_convert.source import load_json
+from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ct_convert import architectures
 from ct_convert.errors import InputError
-from ct_convert.targets.trtllm_legacy.facts import COLUMN, LINEAR_ORDER, NORM, NORMS, PROJECTION, PROJECTIONS, ROW, TOP_LEVEL
+from ct_convert.targets.trtllm_legacy.facts import LINEAR_ORDER, NORM, NORMS, PROJECTION, PROJECTIONS, TOP_LEVEL
 
 # the architectures whose class says TensorRT-LLM's legacy checkpoint holds them (Llama-family names)
 ARCHITECTURES = tuple(n for n, cls in architectures.ARCHITECTURES.items() if cls.trtllm_legacy is not None)
