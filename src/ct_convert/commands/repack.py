@@ -10,9 +10,9 @@ from ct_convert import __version__, console
 from ct_convert.errors import VerificationFailed
 from ct_convert.manifest import NAME as MANIFEST, encode as encode_manifest
 from ct_convert.output import OutputFolder, write_bytes_with_hash
+from ct_convert.plan import Plan
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
-from ct_convert.plan import Plan
 from ct_convert.targets import open_output, writer_for
 from ct_convert.targets.writer_base import Files, RepackOptions
 from ct_convert.verify import compare

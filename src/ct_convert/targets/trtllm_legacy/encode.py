@@ -6,11 +6,11 @@ import torch
 
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import TensorSpec
-from ct_convert.targets.writer_base import exact_cast
 from ct_convert.targets.trtllm_legacy import plan as planning
-from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
 from ct_convert.targets.trtllm_legacy.facts import ROW
+from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
 from ct_convert.targets.trtllm_legacy.tp import column_shard, row_shard
+from ct_convert.targets.writer_base import exact_cast
 
 
 def rank_shape(plan: planning.Layout, lp: planning.LinearPlan) -> tuple[int, int]:

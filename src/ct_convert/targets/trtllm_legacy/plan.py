@@ -12,8 +12,8 @@ from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.plan import REFUSED, ModulePlan, Plan
 from ct_convert.qweight import Encoding, ModuleInfo
 from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.targets.writer_base import RepackOptions, refuse_online_transforms
 from ct_convert.targets.trtllm_legacy.facts import COLUMN, K_TILE
+from ct_convert.targets.writer_base import RepackOptions, refuse_online_transforms
 from ct_convert.targets.trtllm_legacy.names import (
     ARCHITECTURES,
     IGNORABLE,

@@ -1,0 +1,1 @@
+"""`--target awq`: the AutoAWQ GEMM checkpoint (writer.py, reader.py, facts.py)."""

@@ -1,0 +1,1 @@
+"""`--target dense`: a plain Hugging Face checkpoint (writer.py, reader.py)."""

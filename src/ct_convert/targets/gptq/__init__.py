@@ -1,0 +1,1 @@
+"""`--target gptq`: the AutoGPTQ / GPTQModel checkpoint (writer.py, reader.py, facts.py)."""

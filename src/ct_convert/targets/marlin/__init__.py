@@ -1,0 +1,1 @@
+"""`--target marlin`: the IST-DASLab Marlin checkpoint (writer.py, reader.py, facts.py)."""
