@@ -10,6 +10,7 @@ import torch
 
 from ct_convert.architectures import register
 from ct_convert.architectures.base import ModelBase, rope_kind, rope_params, rope_rows, slot
+from ct_convert.errors import InputError
 
 
 @register("LlamaForCausalLM", "MistralForCausalLM")
@@ -47,6 +48,8 @@ def rope_freqs(config: dict) -> torch.Tensor | None:
     smooth = (old_ctx / wavelen - low) / (high - low)
     mid = 1.0 / ((1 - smooth) / factor + smooth)
     out = torch.where(wavelen < old_ctx / high, torch.ones_like(freqs), torch.where(wavelen > old_ctx / low, torch.full_like(freqs, factor), mid))
+    if not bool(torch.isfinite(out).all()):  # equal low/high factors and a wavelength exactly on them: 0/0
+        raise InputError("config.json: llama3 rope parameters give a non-finite frequency factor (a wavelength on equal low/high_freq_factor bounds)")
     return out.to(torch.float32)
 
 
@@ -59,11 +62,6 @@ class Mistral3Model(LlamaModel):
     gguf_arch = gguf.MODEL_ARCH.MISTRAL3
     trtllm_legacy = None
     towers = ("vision_tower.", "multi_modal_projector.")
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ModelBase":
-        # the text model's numbers live in text_config; what only the top level says (quantization) stays
-        return super().from_config({**config, **(config.get("text_config") or {})})
 
     def modify_tensors(self, hf_name: str):
         return super().modify_tensors(hf_name.removeprefix("language_model."))
