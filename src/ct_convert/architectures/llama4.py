@@ -71,8 +71,8 @@ class Llama4Model(LlamaModel):
             raise InputError("config.json: moe_layers is not a list of layer numbers")
         if moe_layers is not None and set(moe_layers) != self.expert_layers(config, n):
             raise UnsupportedConversion(
-                f"config.json: moe_layers {moe_layers} are not every {self.moe_step(config)}th layer (interleave_moe_layer_step), "
-                "the only MoE layout llama.cpp's llama4 graph builds"
+                f"config.json: moe_layers {moe_layers}, but llama.cpp's llama4 graph builds experts in layers {sorted(self.expert_layers(config, n))} "
+                f"(those after every interleave_moe_layer_step = {self.moe_step(config)} layers)"
             )
         qk_norm = self.expert_count() != NO_QK_NORM_EXPERTS
         if bool(config.get("use_qk_norm", True)) != qk_norm:
