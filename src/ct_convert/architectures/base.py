@@ -109,10 +109,10 @@ class ModelBase:
     # name prefixes of parts llama.cpp keeps in another file (a vision tower for mmproj) that is not
     # written yet: their tensors are dropped, listed in the manifest, and a note says so
     towers: tuple[str, ...] = ()
-    # (config.json key, tensors whose rows it gives): checked by targets/gguf/hparams.py
+    # (config.json key, regex of the tensors whose rows it gives, in every layer): targets/gguf/hparams.py
     ffn_rows: tuple[tuple[str, str], ...] = (
-        ("intermediate_size", r"model\.layers\.0\.mlp\.up_proj\.weight"),
-        ("moe_intermediate_size", r"model\.layers\.0\.mlp\.experts\.0\.up_proj\.weight"),
+        ("intermediate_size", r"model\.layers\.\d+\.mlp\.(?:gate|up)_proj\.weight"),
+        ("moe_intermediate_size", r"model\.layers\.\d+\.mlp\.experts\.\d+\.(?:gate|up)_proj\.weight"),
     )
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
