@@ -94,6 +94,9 @@ class ModelBase:
         "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "output",
     })  # fmt: skip
     rope_pairs_rows = False  # llama.cpp's rope rotates adjacent row pairs of HF's q/k (an even head_dim)
+    # llama.cpp's converter writes `{arch}.vocab_size` for this class (the GGUF writer adds it anyway
+    # when the file has no vocabulary: llama.cpp's loader then sizes the token table from it)
+    vocab_size_key = False
     moe = False  # every layer is a mixture of experts: its config's expert count is checked even without expert tensors
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
@@ -147,7 +150,8 @@ class ModelBase:
     def add_hparams(self, w: gguf.GGUFWriter, n_vocab: int) -> None:
         config = self.config
         hidden = int(config["hidden_size"])
-        w.add_vocab_size(n_vocab)
+        if self.vocab_size_key:
+            w.add_vocab_size(n_vocab)
         w.add_context_length(int(config["max_position_embeddings"]))
         w.add_embedding_length(hidden)
         w.add_block_count(self.n_layers)

@@ -127,6 +127,8 @@ def _metadata(reader: SourceReader, model: ModelBase, entries: list[Entry], voc:
     w = gguf.GGUFWriter(None, model.name)
     w.add_name(reader.root.name)
     model.add_hparams(w, n_vocab)
+    if voc.kind == "none" and not model.vocab_size_key:
+        w.add_vocab_size(n_vocab)
     file_type = _file_type(entries)
     if file_type is not None:
         w.add_file_type(file_type)
