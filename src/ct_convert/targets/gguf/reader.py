@@ -105,6 +105,19 @@ class GGUFOutput:
             self._release(t)
         return _restore_rows(pieces)
 
+    def as_stored(self, name: str, source: torch.Tensor) -> torch.Tensor:
+        """A carried source tensor as this file must hold it, in the form `tensor(name)` returns: only
+        the rows the architecture keeps (Gemma-3's real vocabulary), with the value llama.cpp stores
+        (Gemma-3's norm + 1); `verify` compares this with what is read back."""
+        parts = self.model.modify_tensors(name) or []
+        dim = -2 if source.dim() > 1 else 0
+        kept = [p.rows(source.shape[dim]) for p in parts]
+        if kept and all(k is not None for k in kept):
+            rows = torch.unique(torch.cat(kept))
+            if len(rows) < source.shape[dim]:
+                source = source.index_select(dim, rows)
+        return self.model.stored_value(name, source)
+
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
         page of the memory-mapped file stays resident and the process grows to the file's size."""
