@@ -2,7 +2,9 @@
 
 HF module -> GGUF tensor(s) as the architecture class says (architectures/: gguf-py's name map,
 per-expert modules as slices of the stacked `*_exps` tensor, row orders such as llama's Q/K rope
-order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
+order and splits undone by putting every stored row back where it came from; a carried tensor whose
+value llama.cpp changes, such as Gemma-3's 1 + w norms, is compared with that change applied to the
+source, `as_stored`); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
 (where it equals the source, gguf.md §0.1).
 """
 
