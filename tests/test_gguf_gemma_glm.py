@@ -4,6 +4,7 @@ patterns, the token embedding cut to the real vocabulary, block_count with GLM's
 correct and corrupted output, and configs llama.cpp's graphs would compute differently."""
 
 import json
+import os
 import shutil
 
 import gguf
@@ -209,3 +210,52 @@ def test_refused_configs(cli, tmp_path, source, config, tensors, words):
     assert r.code == 2, r.err
     assert words in r.err and "Traceback" not in r.err
     assert not out.exists()
+
+
+def _hf_logits(src, ids):
+    """transformers in float32 on the exact dequantized weights (experts fused as transformers holds them)."""
+    import transformers
+
+    from ct_convert.readers.checkpoint import open_checkpoint
+    from ct_convert.source import resolve
+
+    reader = open_checkpoint(resolve(str(src)))
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    cfg.quantization_config = None
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    sd = {f"{m}.weight": reader.read(m).dequantize(torch.float32) for m in reader.modules}
+    sd.update({t: reader.get(t).float() for t in reader.passthrough() if not reader.is_quantization_param(t)})
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        if f"{p}.0.gate_proj.weight" in sd:
+            n = cfg.n_routed_experts
+            sd[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")]) for e in range(n)])
+            sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in range(n)])
+    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(os.environ.get("CT_CONVERT_ENGINE_TESTS") != "1", reason="set CT_CONVERT_ENGINE_TESTS=1")
+@pytest.mark.parametrize("source,bound", [
+    # ggml's CPU GELU looks its input up in a float16 table: Gemma's all-F32 logits differ by ~3e-3
+    (GEMMA, 1e-2),
+    (GLM, 1e-3),
+])  # fmt: skip
+def test_llama_cpp_logits_match_transformers(cli, tmp_path, source, bound):
+    """llama.cpp runs our GGUF (an all-F32 copy of it, so only llama.cpp's own arithmetic differs) like
+    transformers runs the dequantized source, over 50 positions: beyond Gemma's 16-token sliding
+    window, through its 1 + w norms, GLM's dense and MoE layers and its sigmoid router."""
+    pytest.importorskip("llama_cpp")
+    from test_gguf_engine import f32_copy, llama_logits
+
+    out = tmp_path / "out"
+    assert cli("repack", source, out, "--target", "gguf").code == 0
+    ids = list(range(10, 60))
+    ref = _hf_logits(source, ids)
+    f32 = tmp_path / "f32.gguf"
+    f32_copy(out / "model.gguf", f32)
+    assert np.abs(llama_logits(f32, ids) - ref).max() / np.abs(ref).max() < bound
+    quant = llama_logits(out / "model.gguf", ids)  # ggml rounds activations to 8 bits for the block dot products
+    assert (quant.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
