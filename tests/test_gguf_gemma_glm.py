@@ -164,13 +164,19 @@ def test_glm_block_count_counts_mtp_layers(cli, tmp_path, nextn, blocks):
 
 
 def _mtp_layer() -> dict:
+    """GLM's MTP layer 2 as the original checkpoints hold it (unquantized): a whole MoE decoder layer
+    plus eh_proj, enorm, hnorm and shared_head.norm."""
     g = torch.Generator().manual_seed(0)
-    return {
-        "model.layers.2.eh_proj.weight": torch.randn(64, 128, generator=g).to(torch.bfloat16),
-        "model.layers.2.enorm.weight": torch.randn(64, generator=g).to(torch.bfloat16),
-        "model.layers.2.hnorm.weight": torch.randn(64, generator=g).to(torch.bfloat16),
-        "model.layers.2.shared_head.norm.weight": torch.randn(64, generator=g).to(torch.bfloat16),
-    }
+    shapes = {
+        "eh_proj.weight": (64, 128), "enorm.weight": (64,), "hnorm.weight": (64,), "shared_head.norm.weight": (64,),
+        "input_layernorm.weight": (64,), "post_attention_layernorm.weight": (64,),
+        "self_attn.q_proj.weight": (128, 64), "self_attn.q_proj.bias": (128,), "self_attn.k_proj.weight": (64, 64),
+        "self_attn.k_proj.bias": (64,), "self_attn.v_proj.weight": (64, 64), "self_attn.v_proj.bias": (64,),
+        "self_attn.o_proj.weight": (64, 128), "mlp.gate.weight": (4, 64), "mlp.gate.e_score_correction_bias": (4,),
+        **{f"mlp.{e}{p}_proj.weight": (64, 64) for e in ("shared_experts.", *(f"experts.{i}." for i in range(4)))
+           for p in ("gate", "up", "down")},
+    }  # fmt: skip
+    return {f"model.layers.2.{k}": torch.randn(v, generator=g).to(torch.bfloat16) for k, v in shapes.items()}
 
 
 def test_glm_mtp_layer_tensors_are_written_when_present(cli, tmp_path):
@@ -181,8 +187,10 @@ def test_glm_mtp_layer_tensors_are_written_when_present(cli, tmp_path):
     tensors, fields = read(out)
     assert fields["glm4moe.block_count"] == 3
     assert {"blk.2.nextn.eh_proj.weight", "blk.2.nextn.enorm.weight", "blk.2.nextn.hnorm.weight",
-            "blk.2.nextn.shared_head_norm.weight"} <= set(tensors)  # fmt: skip
+            "blk.2.nextn.shared_head_norm.weight", "blk.2.exp_probs_b.bias"} <= set(tensors)  # fmt: skip
     assert [int(x) for x in tensors["blk.2.nextn.eh_proj.weight"].shape] == [128, 64]
+    assert [int(x) for x in tensors["blk.2.ffn_up_exps.weight"].shape] == [64, 64, 4]
+    assert cli("verify", src, out).code == 0
 
 
 @pytest.mark.parametrize("source,config,tensors,words", [
@@ -200,6 +208,10 @@ def test_glm_mtp_layer_tensors_are_written_when_present(cli, tmp_path):
     # MTP layers present but not declared, or claimed beyond the trunk
     (GLM, {"num_nextn_predict_layers": 0}, _mtp_layer(), "layers 0..2"),
     (GLM, {"num_nextn_predict_layers": 10**9}, None, "num_nextn_predict_layers is 1000000000"),
+    (GLM, {"first_k_dense_replace": 0}, None, "experts are in layers 1..1"),
+    (GLM, {"n_shared_experts": 0}, None, "always adds a shared expert"),
+    (GLM, {"norm_topk_prob": None}, None, "missing 'norm_topk_prob'"),
+    (GEMMA, {"use_bidirectional_attention": True}, None, "causal"),
     # the experts after the dense layer 0 size moe_intermediate_size
     (GLM, {"moe_intermediate_size": 32}, None, "moe_intermediate_size is 32"),
 ])  # fmt: skip

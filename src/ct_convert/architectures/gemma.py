@@ -62,6 +62,8 @@ class Gemma3Model(ModelBase):
     def check_config(self) -> None:
         config = self.config
         _need(config, "head_dim")
+        if config.get("use_bidirectional_attention"):
+            raise UnsupportedConversion("config.json: use_bidirectional_attention is set, but llama.cpp's gemma3 graph is causal")
         if config.get("attn_logit_softcapping") is not None:
             raise UnsupportedConversion("config.json: attn_logit_softcapping is set, but llama.cpp's gemma3 graph has no attention soft-capping")
         full, sliding = rope_views(config)

@@ -67,7 +67,13 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
         c.rows("moe_intermediate_size", c.count("moe_intermediate_size"),
                f"model.layers.{first}.mlp.experts.0.up_proj.weight", shapes)
     c.count("decoder_sparse_step")
-    for key in ("first_k_dense_replace", "n_shared_experts", "sliding_window"):
+    dense = c.count("first_k_dense_replace", allow_zero=True)
+    if dense is not None and experts:
+        # llama.cpp's graph takes layers below it as dense, the others as MoE: the checkpoint must agree
+        moe_layers = {int(m[1]) for name in shapes if expert_of(name) and (m := _LAYER.search(name))}
+        if moe_layers != {n for n in layers if n >= dense}:
+            c.refuse("first_k_dense_replace", dense, f"but the checkpoint's experts are in {_numbered('layers', moe_layers)}")
+    for key in ("n_shared_experts", "sliding_window"):
         c.count(key, allow_zero=True)
     for key in ("n_group", "topk_group", "sliding_window_pattern", "_sliding_window_pattern"):
         c.count(key)
