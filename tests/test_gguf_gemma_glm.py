@@ -271,3 +271,35 @@ def test_llama_cpp_logits_match_transformers(cli, tmp_path, source, bound):
     assert np.abs(llama_logits(f32, ids) - ref).max() / np.abs(ref).max() < bound
     quant = llama_logits(out / "model.gguf", ids)  # ggml rounds activations to 8 bits for the block dot products
     assert (quant.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+T4_ROPE = {"rope_parameters": None, "layer_types": None, "_sliding_window_pattern": None, "rope_theta": 1e6,
+           "rope_local_base_freq": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}  # fmt: skip
+
+
+@pytest.mark.parametrize("config,want,absent", [
+    # transformers-5 keys, the full-attention layers scaled (Gemma-3-4B and up)
+    ({"rope_parameters/full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
+     {"rope.freq_base": 1e6, "rope.freq_base_swa": 1e4, "rope.scaling.type": "linear", "rope.scaling.factor": 8.0,
+      "attention.sliding_window": 16}, ()),
+    # the same model in transformers-4 keys: the same GGUF keys
+    ({**T4_ROPE, "sliding_window_pattern": 6},
+     {"rope.freq_base": 1e6, "rope.freq_base_swa": 1e4, "rope.scaling.type": "linear", "rope.scaling.factor": 8.0,
+      "attention.sliding_window": 16}, ()),
+    # pattern 1: no sliding layer, so no window (and transformers makes every layer full attention)
+    ({**T4_ROPE, "sliding_window_pattern": 1, "rope_scaling": None}, {"rope.freq_base": 1e6},
+     ("attention.sliding_window", "rope.scaling.type")),
+    ({"final_logit_softcapping": 30.0}, {"final_logit_softcapping": 30.0}, ()),
+])  # fmt: skip
+def test_gemma_keys_from_either_config_style(cli, tmp_path, config, want, absent):
+    """The keys Gemma3Model and TextModel.set_gguf_parameters write, worked out from their code."""
+    src = copy_fixture(GEMMA, tmp_path / "src", config=config)
+    out = tmp_path / "out"
+    r = cli("repack", src, out, "--target", "gguf")
+    assert r.code == 0, r.err
+    fields = read(out)[1]
+    for key, value in want.items():
+        got = fields[f"gemma3.{key}"]
+        assert (got == value) if isinstance(value, str) else np.float32(got) == np.float32(value), key
+    assert not [k for k in absent if f"gemma3.{k}" in fields]
+    assert "gemma3.vocab_size" not in fields and "gemma3.rope.dimension_count" not in fields
