@@ -212,6 +212,8 @@ def test_glm_mtp_layer_tensors_are_written_when_present(cli, tmp_path):
     (GLM, {"n_shared_experts": 0}, None, "always adds a shared expert"),
     (GLM, {"norm_topk_prob": None}, None, "missing 'norm_topk_prob'"),
     (GEMMA, {"use_bidirectional_attention": True}, None, "causal"),
+    # 500 tokens (400 pieces and [PAD]s) for a 400-row embedding: no llama.cpp loads that file
+    (GEMMA, {"vocab_size": 500}, None, "500 tokens but the token embedding keeps 400 rows"),
     # the experts after the dense layer 0 size moe_intermediate_size
     (GLM, {"moe_intermediate_size": 32}, None, "moe_intermediate_size is 32"),
 ])  # fmt: skip

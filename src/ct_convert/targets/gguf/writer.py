@@ -68,6 +68,7 @@ class GGUFWriter(TargetWriter):
                     e.pending = _pending(reader, e)
         else:
             voc = vocab.load(reader.root, reader.config, n_vocab, copied, opts.strict, model.name)
+            _refuse_unloadable_vocab(reader, voc, n_vocab)
             entries = _scan_scales(reader, model, entries)
             if opts.strict:
                 _refuse_fallbacks(entries, " (found in its scales)")
@@ -322,6 +323,17 @@ def _refuse_fallbacks(entries: list[Entry], where: str) -> None:
         raise UnsupportedConversion(
             f"{e.parts[0]}: no exact GGUF block type{where}: {e.reason}; --strict refuses the {e.ggml} fallback{more}",
             hint="Drop --strict to write such tensors unquantized (listed in the manifest).",
+        )
+
+
+def _refuse_unloadable_vocab(reader: SourceReader, voc: vocab.Vocab, n_vocab: int) -> None:
+    """llama.cpp sizes token_embd by the token count and refuses a file where they differ."""
+    tokens = next((value for key, value, *_ in voc.pairs if key == vocab.T.LIST), None)
+    if tokens is not None and len(tokens) != n_vocab:
+        raise UnsupportedConversion(
+            f"{reader.root}: the tokenizer has {len(tokens)} tokens but the token embedding keeps {n_vocab} rows; "
+            "llama.cpp loads a GGUF only with one token per row",
+            hint="Pass --vocab-from FILE.gguf with a vocabulary of that size.",
         )
 
 
