@@ -2,7 +2,9 @@
 
 HF module -> GGUF tensor(s) as the architecture class says (architectures/: gguf-py's name map,
 per-expert modules as slices of the stacked `*_exps` tensor, row orders such as llama's Q/K rope
-order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
+order and splits undone by putting every stored row back where it came from; a carried tensor whose
+value llama.cpp changes, such as Gemma-3's 1 + w norms, is compared with that change applied to the
+source, `as_stored`); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
 (where it equals the source, gguf.md §0.1).
 """
 
@@ -104,6 +106,19 @@ class GGUFOutput:
             pieces.append((part, self._values(t, part.expert)))
             self._release(t)
         return _restore_rows(pieces)
+
+    def as_stored(self, name: str, source: torch.Tensor) -> torch.Tensor:
+        """A carried source tensor as this file must hold it, in the form `tensor(name)` returns: only
+        the rows the architecture keeps (Gemma-3's real vocabulary), with the value llama.cpp stores
+        (Gemma-3's norm + 1); `verify` compares this with what is read back."""
+        parts = self.model.modify_tensors(name) or []
+        dim = -2 if source.dim() > 1 else 0
+        kept = [p.rows(source.shape[dim]) for p in parts]
+        if kept and all(k is not None for k in kept):
+            rows = torch.unique(torch.cat(kept))
+            if len(rows) < source.shape[dim]:
+                source = source.index_select(dim, rows)
+        return self.model.stored_value(name, source)
 
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every

@@ -43,6 +43,7 @@ class Entry:
     shape: tuple[int, ...]  # numpy order: (N, K) or (E, N, K)
     reason: str | None = None  # why a quantized module is written dense
     select: Callable[[int], torch.Tensor] | None = None  # the source rows it holds, given the source's row count
+    value: Callable[[str, torch.Tensor], torch.Tensor] | None = None  # a carried tensor's stored value (ModelBase.stored_value)
     constant: torch.Tensor | None = None
     order: tuple = ()
     pending: str | None = None  # inspect only: what the scale scan decides
@@ -67,6 +68,7 @@ class GGUFWriter(TargetWriter):
                     e.pending = _pending(reader, e)
         else:
             voc = vocab.load(reader.root, reader.config, n_vocab, copied, opts.strict, model.name)
+            _refuse_unloadable_vocab(reader, voc, n_vocab)
             entries = _scan_scales(reader, model, entries)
             if opts.strict:
                 _refuse_fallbacks(entries, " (found in its scales)")
@@ -127,7 +129,7 @@ def _metadata(reader: SourceReader, model: ModelBase, entries: list[Entry], voc:
     w = gguf.GGUFWriter(None, model.name)
     w.add_name(reader.root.name)
     model.add_hparams(w, n_vocab)
-    if voc.kind == "none" and not model.vocab_size_key:
+    if voc.kind == "none" and not model.writes_vocab_size:
         w.add_vocab_size(n_vocab)
     file_type = _file_type(entries)
     if file_type is not None:
@@ -187,7 +189,9 @@ def _model(reader: SourceReader) -> ModelBase:
             hint=f"Supported: {', '.join(sorted(architectures.ARCHITECTURES))}.",
         )
     hparams.check(reader, cls)  # the numbers the class builds from, before it does
-    return cls.from_config(config)
+    model = cls.from_config(config)
+    model.bind_source(reader.root)
+    return model
 
 
 def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_experts, opts: RepackOptions) -> Entry:
@@ -214,7 +218,7 @@ def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_expe
         ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in s or s in model.f32_slots else mapping.dense_type(dtype)
         shape = _selected(tuple(meta.shape), select)
         shape = shape if len(sources) == 1 else (len(sources), *shape)
-        return Entry(g, kind, sources, ggml, shape, select=select, order=order)
+        return Entry(g, kind, sources, ggml, shape, select=select, value=model.stored_value, order=order)
     infos = [reader.modules[s] for s in sources]
     choices = {mapping.choose(i, s, model, opts.nvfp4) for i in infos}
     ggml, reason = choices.pop() if len(choices) == 1 else (None, "the experts of this layer map to different types")
@@ -324,6 +328,17 @@ def _refuse_fallbacks(entries: list[Entry], where: str) -> None:
         )
 
 
+def _refuse_unloadable_vocab(reader: SourceReader, voc: vocab.Vocab, n_vocab: int) -> None:
+    """llama.cpp sizes token_embd by the token count and refuses a file where they differ."""
+    tokens = next((value for key, value, *_ in voc.pairs if key == vocab.T.LIST), None)
+    if tokens is not None and len(tokens) != n_vocab:
+        raise UnsupportedConversion(
+            f"{reader.root}: the tokenizer has {len(tokens)} tokens but the token embedding keeps {n_vocab} rows; "
+            "llama.cpp loads a GGUF only with one token per row",
+            hint="Pass --vocab-from FILE.gguf with a vocabulary of that size.",
+        )
+
+
 def _n_vocab(entries: list[Entry]) -> int:
     for e in entries:
         if e.name == "token_embd.weight":
@@ -380,7 +395,7 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
     part = source if source is not None else unit.sources[0]
     if unit.how == CARRY:
         t = reader.get(part)
-        picked = [_carried(t, e) for e in unit.detail]
+        picked = [_carried(part, t, e) for e in unit.detail]
         cost = reader.tensor_meta(part).nbytes
     else:
         qw = reader.read(part)
@@ -389,10 +404,12 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
     return [(chunk, cost if i == 0 else 0) for i, chunk in enumerate(picked)]
 
 
-def _carried(t: torch.Tensor, e: Entry) -> torch.Tensor:
-    t = t.to(facts.TORCH_OF[e.ggml])
+def _carried(source: str, t: torch.Tensor, e: Entry) -> torch.Tensor:
     rows = e.select(_rows(tuple(t.shape))) if e.select else None
-    return t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
+    t = t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
+    if e.value is not None:
+        t = e.value(source, t)
+    return t.to(facts.TORCH_OF[e.ggml])
 
 
 Writer = GGUFWriter
