@@ -199,3 +199,13 @@ def test_a_part_arranges_rows_per_head_and_flattens_back():
     assert torch.equal(pick.flatten(v), t[[0, 1, 3, 4]])
     plain = Part("y", heads=3)
     assert plain.shape((6, 4)) == (3, 2, 4) and torch.equal(plain.flatten(plain.arrange(t)), t)
+
+
+def test_a_deepseek2_gguf_without_the_mla_keys_is_refused_by_the_reader():
+    """Older deepseek2 GGUFs kept kv_b_proj whole and lack key_length_mla: not read as ours."""
+    from ct_convert.architectures.deepseek import DeepseekV2Model
+    from ct_convert.errors import InputError
+
+    fields = {"deepseek2.attention.head_count": 2, "deepseek2.block_count": 2, "deepseek2.rope.dimension_count": 32}
+    with pytest.raises(InputError, match="key_length_mla"):
+        DeepseekV2Model.from_gguf(fields.get)

@@ -64,8 +64,11 @@ class DeepseekV2Model(ModelBase):
     def from_gguf(cls, field) -> "ModelBase":
         model = super().from_gguf(field)
         name = gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
-        model.nope = int(field(f"{name}.attention.key_length_mla")) - int(field(f"{name}.rope.dimension_count"))
-        model.v_dim = int(field(f"{name}.attention.value_length_mla"))
+        keys = [f"{name}.attention.key_length_mla", f"{name}.rope.dimension_count", f"{name}.attention.value_length_mla"]
+        k_mla, rope, v_mla = (field(k) for k in keys)
+        if None in (k_mla, rope, v_mla):  # older deepseek2 GGUFs kept kv_b_proj whole
+            raise InputError(f"GGUF without {', '.join(k for k, v in zip(keys, (k_mla, rope, v_mla)) if v is None)}: not a deepseek2 file ct-convert writes")
+        model.nope, model.v_dim = int(k_mla) - int(rope), int(v_mla)
         return model
 
     # -- the config ----------------------------------------------------------------------------
