@@ -209,3 +209,24 @@ def test_a_deepseek2_gguf_without_the_mla_keys_is_refused_by_the_reader():
     fields = {"deepseek2.attention.head_count": 2, "deepseek2.block_count": 2, "deepseek2.rope.dimension_count": 32}
     with pytest.raises(InputError, match="key_length_mla"):
         DeepseekV2Model.from_gguf(fields.get)
+
+
+def test_stacked_experts_are_produced_one_expert_at_a_time(tmp_path, monkeypatch):
+    """Memory for a 384-expert layer: each job of a stacked tensor decodes one expert (bench/moe_memory.py
+    measures the peak RSS this gives)."""
+    from ct_convert.readers.checkpoint import open_checkpoint
+    from ct_convert.source import resolve
+    from ct_convert.targets import writer_for
+    from ct_convert.targets.gguf import writer as gguf_writer
+    from ct_convert.targets.writer_base import RepackOptions
+
+    reader = open_checkpoint(resolve(str(KIMI)))
+    writer, opts = writer_for("gguf"), RepackOptions(target="gguf", workers=2)
+    plan = writer.plan(reader, opts)
+    jobs, real = [], gguf_writer._produce
+    monkeypatch.setattr(gguf_writer, "_produce", lambda r, unit, source: jobs.append((unit, source)) or real(r, unit, source))
+    (tmp_path / "out").mkdir()
+    writer.write(plan, reader, tmp_path / "out", opts, lambda n: None)
+    stacked = [(u, s) for u, s in jobs if len(u.sources) > 1]
+    assert {u.outputs[0].name for u, _ in stacked} == {f"blk.1.ffn_{p}_exps.weight" for p in ("gate", "up", "down")}
+    assert all(s in u.sources for u, s in stacked) and len(stacked) == 3 * 4  # one job per expert
