@@ -32,14 +32,44 @@ class Part:
     Several sources naming one GGUF tensor with an `expert` index are stacked into it (a merge);
     one source yielding several parts is cut into them (a split); `select` picks and orders the
     source rows a part holds, given the source's row count (the whole source, in order, when None).
+    `heads` views the picked rows [heads · r, K] as a 3-D [heads, r, K] (the same bytes, row by row);
+    `transpose` then swaps each head's two axes to [heads, K, r] (MLA's attn_k_b), which moves
+    values across rows: such a part is written from float values, never from a source's blocks.
     """
 
     name: str
     expert: int | None = None
     select: Callable[[int], torch.Tensor] | None = None
+    heads: int | None = None
+    transpose: bool = False
 
     def rows(self, n_rows: int) -> torch.Tensor | None:
         return None if self.select is None else self.select(n_rows)
+
+    def shape(self, source: tuple[int, ...]) -> tuple[int, ...]:
+        """The part's numpy shape, from its source's (rows are the next-to-last axis, the only one of a 1-D)."""
+        if self.select is not None:
+            n = len(self.select(source[-2] if len(source) > 1 else source[0]))
+            source = (*source[:-2], n, source[-1]) if len(source) > 1 else (n,)
+        if self.heads is not None:
+            source = (*source[:-2], self.heads, source[-2] // self.heads, source[-1])
+        return (*source[:-2], source[-1], source[-2]) if self.transpose else source
+
+    def arrange(self, t: torch.Tensor) -> torch.Tensor:
+        """The part's values from its source's."""
+        rows = self.rows(t.shape[-2] if t.dim() > 1 else t.shape[0])
+        if rows is not None:
+            t = t.index_select(-2 if t.dim() > 1 else 0, rows)
+        if self.heads is not None:
+            t = t.reshape(*t.shape[:-2], self.heads, -1, t.shape[-1])
+        return t.transpose(-1, -2) if self.transpose else t
+
+    def flatten(self, v: torch.Tensor) -> torch.Tensor:
+        """`arrange` undone up to the row selection: a part's values as its picked source rows [r, K]
+        (for one expert's, or a 2-D part's, values; rows of blocks alike when neither heads nor transpose)."""
+        if self.transpose:
+            v = v.transpose(-1, -2)
+        return v.reshape(-1, v.shape[-1]) if self.heads is not None else v
 
 
 def expert_of(hf_name: str) -> tuple[str, int] | None:
@@ -95,6 +125,7 @@ class ModelBase:
     })  # fmt: skip
     rope_pairs_rows = False  # llama.cpp's rope rotates adjacent row pairs of HF's q/k (an even head_dim)
     moe = False  # every layer is a mixture of experts: its config's expert count is checked even without expert tensors
+    mla = False  # multi-head latent attention (q_a/q_b, kv_a/kv_b): hparams checks its sizes instead of q/k/v_proj's
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
     trtllm_legacy: dict | None = None
@@ -104,7 +135,7 @@ class ModelBase:
     # llama.cpp's converter writes `{arch}.vocab_size` for this class (the GGUF writer adds it anyway
     # when the file has no vocabulary: llama.cpp's loader then sizes the token table from it)
     writes_vocab_size = False
-    mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (block_count has them)
+    mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (the class keeps or drops them)
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
         self.n_layers = n_layers
@@ -203,7 +234,7 @@ class ModelBase:
 
     # -- tensors -------------------------------------------------------------------------------
     def is_dropped(self, hf_name: str) -> bool:
-        """A source tensor no llama.cpp graph reads, or one of a tower written elsewhere."""
+        """A source tensor (or module weight) no llama.cpp graph reads, or one of a tower written elsewhere."""
         return bool(_DROPPED.search(hf_name)) or self.in_tower(hf_name)
 
     def in_tower(self, hf_name: str) -> bool:

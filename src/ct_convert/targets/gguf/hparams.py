@@ -44,7 +44,9 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
         c.refuse("hidden_size", hidden, f"smaller than num_attention_heads {heads}")
     if model.rope_pairs_rows and head_dim is not None and head_dim % 2:
         c.refuse("head_dim", head_dim, "odd, but llama's rope rotates pairs of rows")
-    if heads and head_dim:
+    if model.mla:
+        _mla(c, heads, largest, shapes)
+    elif heads and head_dim:
         c.rows("num_attention_heads x head_dim", heads * head_dim, "model.layers.0.self_attn.q_proj.weight", shapes)
         c.rows("num_key_value_heads x head_dim", kv_heads * head_dim, "model.layers.0.self_attn.k_proj.weight", shapes)
     embed = shapes.get("model.embed_tokens.weight")
@@ -82,6 +84,28 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
     c.count("max_position_embeddings")
     c.positive("rms_norm_eps")
     _rope(c, config)
+
+
+def _mla(c: "_Fields", heads: int | None, largest: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3): per head, K is nope + rope wide and V v wide;
+    K and V come from a kv_lora-wide latent, Q from a q_lora-wide one (or straight from q_proj)."""
+    nope, rope, v = (c.count(k, largest) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    q_lora, kv_lora = c.count("q_lora_rank", largest), c.count("kv_lora_rank", largest) or 512
+    attn = "model.layers.0.self_attn."
+    c.rows("q_lora_rank", q_lora, f"{attn}q_a_proj.weight", shapes)
+    c.rows("kv_lora_rank + qk_rope_head_dim", kv_lora + rope if rope else None, f"{attn}kv_a_proj_with_mqa.weight", shapes)
+    c.cols("kv_lora_rank", kv_lora, f"{attn}kv_b_proj.weight", shapes)
+    if heads is None:
+        return
+    q = heads * (nope + rope) if nope and rope else None
+    c.rows("num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim)", q, f"{attn}q_b_proj.weight", shapes)
+    c.rows("num_attention_heads x (qk_nope_head_dim + qk_rope_head_dim)", q, f"{attn}q_proj.weight", shapes)
+    c.rows("num_attention_heads x (qk_nope_head_dim + v_head_dim)", heads * (nope + v) if nope and v else None, f"{attn}kv_b_proj.weight", shapes)
+    c.cols("num_attention_heads x v_head_dim", heads * v if v else None, f"{attn}o_proj.weight", shapes)
+
+
+def _layer_of(name: str) -> int:
+    return int(m[1]) if (m := _LAYER.search(name)) else -1
 
 
 def _exactly(found: set[int], n: int) -> bool:
@@ -158,6 +182,12 @@ class _Fields:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             self.refuse(key, v, "not a finite positive number")
         return float(v)
+
+    def cols(self, what: str, want: int | None, tensor: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The tensor that `what` sizes, where the checkpoint has it, has exactly that many columns."""
+        shape = shapes.get(tensor)
+        if want is not None and shape and len(shape) >= 2 and shape[-1] != want:
+            raise InputError(f"{self.where}: {what} is {want}, but {tensor} has {shape[-1]} columns")
 
     def rows(self, what: str, want: int | None, tensor: str, shapes: dict[str, tuple[int, ...]]) -> None:
         """The tensor that `what` sizes, where the checkpoint has it, has exactly that many rows."""
