@@ -306,3 +306,17 @@ def test_a_vision_tower_is_never_dropped_silently(cli, tmp_path):
     assert "vision_tower.patch_conv.weight" in dropped and "multi_modal_projector.linear_1.weight" in dropped
     names = [t.name for t in gguf.GGUFReader(out / "model.gguf").tensors]
     assert "blk.0.attn_q.weight" in names and not any(n.startswith(("v.", "mm.")) for n in names)
+
+
+def test_vocab_size_key_only_where_llamacpp_writes_it_or_nothing_else_sizes_the_vocabulary(cli, tmp_path):
+    """llama.cpp's converter writes qwen3moe.vocab_size for no Qwen model; its loader reads the key
+    only for a file without vocabulary, to size the token table."""
+    src = FIXTURES / "gguf" / "qwen3moe-w4a16"
+    repack(cli, src, tmp_path / "with")
+    _, f = read_back(tmp_path / "with" / "model.gguf")
+    assert "qwen3moe.vocab_size" not in f and len(f["tokenizer.ggml.tokens"]) == 320
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    repack(cli, bare, tmp_path / "without")
+    _, f = read_back(tmp_path / "without" / "model.gguf")
+    assert f["tokenizer.ggml.model"] == "none" and f["qwen3moe.vocab_size"] == 320

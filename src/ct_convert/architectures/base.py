@@ -32,14 +32,44 @@ class Part:
     Several sources naming one GGUF tensor with an `expert` index are stacked into it (a merge);
     one source yielding several parts is cut into them (a split); `select` picks and orders the
     source rows a part holds, given the source's row count (the whole source, in order, when None).
+    `heads` views the picked rows [heads · r, K] as a 3-D [heads, r, K] (the same bytes, row by row);
+    `transpose` then swaps each head's two axes to [heads, K, r] (MLA's attn_k_b), which moves
+    values across rows: such a part is written from float values, never from a source's blocks.
     """
 
     name: str
     expert: int | None = None
     select: Callable[[int], torch.Tensor] | None = None
+    heads: int | None = None
+    transpose: bool = False
 
     def rows(self, n_rows: int) -> torch.Tensor | None:
         return None if self.select is None else self.select(n_rows)
+
+    def shape(self, source: tuple[int, ...]) -> tuple[int, ...]:
+        """The part's numpy shape, from its source's (rows are the next-to-last axis, the only one of a 1-D)."""
+        if self.select is not None:
+            n = len(self.select(source[-2] if len(source) > 1 else source[0]))
+            source = (*source[:-2], n, source[-1]) if len(source) > 1 else (n,)
+        if self.heads is not None:
+            source = (*source[:-2], self.heads, source[-2] // self.heads, source[-1])
+        return (*source[:-2], source[-1], source[-2]) if self.transpose else source
+
+    def arrange(self, t: torch.Tensor) -> torch.Tensor:
+        """The part's values from its source's."""
+        rows = self.rows(t.shape[-2] if t.dim() > 1 else t.shape[0])
+        if rows is not None:
+            t = t.index_select(-2 if t.dim() > 1 else 0, rows)
+        if self.heads is not None:
+            t = t.reshape(*t.shape[:-2], self.heads, -1, t.shape[-1])
+        return t.transpose(-1, -2) if self.transpose else t
+
+    def flatten(self, v: torch.Tensor) -> torch.Tensor:
+        """`arrange` undone up to the row selection: a part's values as its picked source rows [r, K]
+        (for one expert's, or a 2-D part's, values; rows of blocks alike when neither heads nor transpose)."""
+        if self.transpose:
+            v = v.transpose(-1, -2)
+        return v.reshape(-1, v.shape[-1]) if self.heads is not None else v
 
 
 def expert_of(hf_name: str) -> tuple[str, int] | None:
@@ -69,14 +99,6 @@ def _need(config: dict, key: str):
     return config[key]
 
 
-def text_config(config: dict) -> dict:
-    """config.json as llama.cpp's converter reads it: a multimodal model's text_config over the top level."""
-    text = config.get("text_config")
-    if text is not None and not isinstance(text, dict):
-        raise InputError("config.json: text_config is not a JSON object")
-    return {**config, **(text or {})}
-
-
 def rope_params(config: dict) -> tuple[float, dict]:
     params = config.get("rope_scaling") or config.get("rope_parameters") or {}
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
@@ -103,6 +125,7 @@ class ModelBase:
     })  # fmt: skip
     rope_pairs_rows = False  # llama.cpp's rope rotates adjacent row pairs of HF's q/k (an even head_dim)
     moe = False  # every layer is a mixture of experts: its config's expert count is checked even without expert tensors
+    mla = False  # multi-head latent attention (q_a/q_b, kv_a/kv_b): hparams checks its sizes instead of q/k/v_proj's
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
     trtllm_legacy: dict | None = None
@@ -114,12 +137,24 @@ class ModelBase:
         ("intermediate_size", r"model\.layers\.\d+\.mlp\.(?:gate|up)_proj\.weight"),
         ("moe_intermediate_size", r"model\.layers\.\d+\.mlp\.experts\.\d+\.(?:gate|up)_proj\.weight"),
     )
+    # llama.cpp's converter writes `{arch}.vocab_size` for this class (the GGUF writer adds it anyway
+    # when the file has no vocabulary: llama.cpp's loader then sizes the token table from it)
+    writes_vocab_size = False
+    mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (the class keeps or drops them)
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
         self.n_layers = n_layers
         self.n_head = n_head
         self.n_head_kv = n_head_kv
         self.config = config or {}
+
+    @staticmethod
+    def text_config(config: dict) -> dict:
+        """The config llama.cpp's converter reads (TextModel): text_config merged over the top level."""
+        text = config.get("text_config")
+        if text is not None and not isinstance(text, dict):
+            raise InputError("config.json: text_config is not a JSON object")
+        return {**config, **(text or {})}
 
     @classmethod
     def expert_layers(cls, config: dict, n_layers: int) -> set[int] | None:
@@ -128,7 +163,7 @@ class ModelBase:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":
-        config = text_config(config)
+        config = cls.text_config(config)
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "rms_norm_eps"):
             _need(config, key)
         n_head = int(config["num_attention_heads"])
@@ -166,7 +201,8 @@ class ModelBase:
     def add_hparams(self, w: gguf.GGUFWriter, n_vocab: int) -> None:
         config = self.config
         hidden = int(config["hidden_size"])
-        w.add_vocab_size(n_vocab)
+        if self.writes_vocab_size:
+            w.add_vocab_size(n_vocab)
         w.add_context_length(int(config["max_position_embeddings"]))
         w.add_embedding_length(hidden)
         w.add_block_count(self.n_layers)
@@ -201,21 +237,34 @@ class ModelBase:
                 return int(self.config[key])
         return None
 
+    def bind_source(self, root) -> None:
+        """Read what the class needs from the source folder besides config.json (Gemma-3: the
+        tokenizer's vocabulary size); files that are absent are simply not used."""
+
     def extra_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """GGUF tensors computed from the config alone (no source tensor)."""
         return []
 
     # -- tensors -------------------------------------------------------------------------------
     def is_dropped(self, hf_name: str) -> bool:
-        """A source tensor no llama.cpp graph reads, or one of a tower written elsewhere."""
+        """A source tensor (or module weight) no llama.cpp graph reads, or one of a tower written elsewhere."""
         return bool(_DROPPED.search(hf_name)) or self.in_tower(hf_name)
 
     def in_tower(self, hf_name: str) -> bool:
         return hf_name.startswith(self.towers)
 
+    @staticmethod
+    def converter_name(hf_name: str) -> str:
+        """The name llama.cpp's converter maps (ModelBase.filter_tensors): `e_score_correction_bias`
+        as a `.bias`, every `language_model.` removed (a VL checkpoint's text model)."""
+        if hf_name.endswith("e_score_correction_bias"):
+            hf_name = hf_name.removesuffix("_bias") + ".bias"
+        return hf_name.replace("language_model.", "")
+
     def modify_tensors(self, hf_name: str) -> list[Part] | None:
         """The GGUF tensors one HF tensor becomes (None: it has no counterpart): per-expert tensors
         name one expert of a stacked tensor; subclasses add row orders and splits."""
+        hf_name = self.converter_name(hf_name)
         stacked = expert_of(hf_name)
         g = self.names.get_name(stacked[0] if stacked else hf_name, try_suffixes=(".weight", ".bias"))
         if g is None:
@@ -225,6 +274,11 @@ class ModelBase:
     def row_order(self, gguf_name: str) -> Callable[[int], torch.Tensor] | None:
         """How llama.cpp orders this tensor's rows, if not as in HF."""
         return None
+
+    def stored_value(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
+        """What llama.cpp's converter stores for a carried source tensor (its selected rows, in the
+        source dtype), before the cast to the GGUF type: the value itself unless a class changes it."""
+        return value
 
     @staticmethod
     def slot(gguf_name: str) -> str:
