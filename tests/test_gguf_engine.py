@@ -29,20 +29,19 @@ Measured (llama-cpp-python 0.3.36, llama.cpp 0c1e5709 on CPU, 2 threads; printed
     phi3-w4a16                      3.2e-7   0.0059   0.0052   -        -
     mistral3-w4a16                  3.5e-7   0.0080   0.0071   0.0088   -
     llama4-text-interleaved-w4a16   5.4e-7   0.011    0.19     0.33     0.048
-    with the classes of branches ds and gm (not on this branch when measured):
     deepseek-v3-w4a16               5.1e-5   0.0096   0.11     -        0.40
     kimi-k2-w4a16-g32               3.3e-7   0.0033   0.25     -        0.21
     glm4moe-mixed-w8a16-w4a16       4.3e-7   0.0047   0.0027   0.0042   0.0049
     gemma3-text / -vl -w4a16-g32    5.8e-4   0.037    1.0      1.2      -
 
 So EXACT = 1e-4 sits 160x above the worst correct file (but DeepSeek-V3's MLA, 2x: its first
-position matches to 3.9e-7, later ones differ by ~3e-5 in llama.cpp's float32 arithmetic) and 27x
+position matches to 3.9e-7, later ones differ by ~3e-5, not from the mscale or YaRN range; probably llama.cpp's absorbed-MLA float32 order) and 27x
 below the smallest corruption; models with a GELU MLP (Gemma-3) get EXACT_GELU.
 The quantized comparison cannot tell a layout mistake from activation rounding in these tiny
-random models (corruptions from 0.0044, rounding up to 0.013): it is a sanity bound (QUANT = 5e-2,
+random models (corruptions from 0.0027, rounding up to 0.037): it is a sanity bound (QUANT = 5e-2,
 1e-1 with experts), and the F32 copy, made from our file's blocks, carries the exactness check.
-Fixtures whose architecture has no class on this branch yet are skipped with that reason and run
-once one is registered; two cannot run in llama.cpp 0.3.36 (ENGINE_CANNOT_RUN). A split GGUF
+A fixture whose architecture has no class is skipped with that reason and runs once one is
+registered; two cannot run in llama.cpp 0.3.36 (ENGINE_CANNOT_RUN). A split GGUF
 (`--max-shard-size`) loaded from its first part gives the single file's logits bit for bit.
 """
 
