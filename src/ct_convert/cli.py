@@ -149,6 +149,8 @@ def repack(
     if workers:
         opts.workers = workers
     summary = run(source, output, opts, revision=revision, force=force, show_progress=not (quiet or json_out))
+    for warning in summary["warnings"]:  # on stderr whatever the output mode: what the output lacks
+        console.err.print(f"[yellow]warning:[/] {console.safe(warning)}", highlight=False)
     if json_out:
         console.print_json(summary)
     elif not quiet:
@@ -159,7 +161,7 @@ def repack(
             f"[green]✓[/] wrote {console.safe(summary['output'])} ({summary['target']}): {conv}{extra}, "
             f"{summary['bytes_written'] / 1e6:.1f} MB in {summary['seconds']:.1f}s, {ver}"
         )
-        for note in summary["notes"]:
+        for note in (n for n in summary["notes"] if n not in summary["warnings"]):
             console.out.print(f"  note: {console.safe(note)}")
 
 

@@ -3,7 +3,9 @@
 HF module -> GGUF tensor(s) as the architecture class says (architectures/: gguf-py's name map,
 per-expert modules as slices of the stacked `*_exps` tensor, row orders such as llama's Q/K rope
 order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
-(where it equals the source, gguf.md §0.1).
+(where it equals the source, gguf.md §0.1). The vision tower's mmproj file is read by its class
+(architectures/vision.py): an F16 the converter forces read as float32 (compared with the source
+exactly, never narrowed to F16), a constant llama.cpp added taken off, and rows it copies from a text tensor (Pixtral's `[IMG_BREAK]` embedding) checked against that tensor.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 
 from ct_convert import architectures
-from ct_convert.architectures import Part
+from ct_convert.architectures import Part, vision
 from ct_convert.errors import InputError
+from ct_convert.targets.gguf import mmproj
 from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
 from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
@@ -36,14 +39,18 @@ class GGUFOutput:
     working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
 
     def __init__(self, folder: Path, source_architecture: str | None = None):
-        self.files = sorted(folder.glob("*.gguf"))
+        self.files = sorted(folder.glob("*.gguf"), key=lambda f: f.name == mmproj.FILE)  # the text model first
         try:
             self.readers = [gguf.GGUFReader(f) for f in self.files]
         except (OSError, ValueError) as e:
             raise InputError(f"{folder}: unreadable GGUF ({e})") from None
-        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        tower_reader = self.readers.pop() if self.files[-1].name == mmproj.FILE else None
+        if not self.readers:
+            raise InputError(f"{folder}: {mmproj.FILE} without the text model's GGUF")
+        every = self.readers + ([tower_reader] if tower_reader else [])
+        self.tensors = {t.name: t for r in every for t in r.tensors}  # v.* / mm.* never clash with text names
         # np.memmap keeps its mmap object private; without it pages are simply not released early
-        self._maps = {t.name: getattr(r.data, "_mmap", None) for r in self.readers for t in r.tensors}
+        self._maps = {t.name: getattr(r.data, "_mmap", None) for r in every for t in r.tensors}
         head = self.readers[0]
         arch = self._field(head, "general.architecture")
         # the source's class names its tensors, when it is one for this GGUF architecture (several
@@ -54,6 +61,18 @@ class GGUFOutput:
         if cls is None:
             raise InputError(f"{folder}: GGUF architecture {arch!r} is not one ct-convert writes")
         self.model = cls.from_gguf(lambda key: self._field(head, key))
+        self.tower = None if tower_reader is None else self._tower(folder, tower_reader, head)
+
+    def _tower(self, folder: Path, r: gguf.GGUFReader, head: gguf.GGUFReader) -> vision.VisionTower:
+        projector = self._field(r, "clip.projector_type")
+        cls = vision.for_projector(projector) if self._field(r, "general.architecture") == "clip" else None
+        if cls is None:
+            raise InputError(f"{folder / mmproj.FILE}: not a vision projector ct-convert writes (projector {projector!r})")
+        tokens = self._field(head, "tokenizer.ggml.tokens") or []
+        return cls.from_gguf(lambda key: self._field(r, key), lambda text: tokens.index(text) if text in tokens else None)
+
+    def _in_tower(self, hf_name: str) -> bool:
+        return self.tower is not None and mmproj.in_tower(self.model, type(self.tower), hf_name)
 
     @staticmethod
     def _field(reader: gguf.GGUFReader, key: str):
@@ -62,7 +81,7 @@ class GGUFOutput:
 
     def _locate(self, hf_name: str) -> list[tuple[object, Part]] | None:
         """The stored tensor of every part of an HF tensor, or None if any is absent."""
-        parts = self.model.modify_tensors(hf_name)
+        parts = (self.tower if self._in_tower(hf_name) else self.model).modify_tensors(hf_name)
         if not parts or any(p.name not in self.tensors for p in parts):
             return None
         return [(self.tensors[p.name], p) for p in parts]
@@ -103,7 +122,28 @@ class GGUFOutput:
         for t, part in located:
             pieces.append((part, self._values(t, part.expert)))
             self._release(t)
-        return _restore_rows(pieces)
+        value = _restore_rows(pieces)
+        if self._in_tower(name):
+            offset = self.tower.offset(located[0][1].name)
+            if offset is not None:
+                value = value.to(torch.float32) - offset
+            elif value.dtype == torch.float16:  # an F16 the converter forces: compared widened, not narrowed
+                value = value.to(torch.float32)
+        return value if self.tower is None else self._with_copies(name, value)
+
+    def _with_copies(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` with the rows an mmproj tensor copies from it put back from that copy (float32 where
+        one differs, so that the comparison with the source sees it)."""
+        for part in self.tower.copies(name):
+            t = self.tensors.get(part.name)
+            if t is None:
+                continue
+            rows = part.rows(value.shape[0])
+            copy = self._values(t, None).reshape(len(rows), -1).to(torch.float32)
+            if not torch.equal(copy, value[rows].to(torch.float32)):
+                value = value.to(torch.float32)
+                value[rows] = copy
+        return value
 
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
