@@ -104,6 +104,7 @@ class ModelBase:
     # name prefixes of parts llama.cpp keeps in another file: a vision tower and projector, written
     # as the mmproj file by their class in architectures/vision.py (or listed as not written, and said so)
     towers: tuple[str, ...] = ()
+    mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (block_count has them)
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
         self.n_layers = n_layers
@@ -111,8 +112,14 @@ class ModelBase:
         self.n_head_kv = n_head_kv
         self.config = config or {}
 
+    @staticmethod
+    def text_config(config: dict) -> dict:
+        """The config llama.cpp's converter reads (TextModel): text_config merged over the top level."""
+        return {**config, **(config.get("text_config") or {})}
+
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":
+        config = cls.text_config(config)
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "rms_norm_eps"):
             _need(config, key)
         n_head = int(config["num_attention_heads"])
@@ -186,6 +193,10 @@ class ModelBase:
                 return int(self.config[key])
         return None
 
+    def bind_source(self, root) -> None:
+        """Read what the class needs from the source folder besides config.json (Gemma-3: the
+        tokenizer's vocabulary size); files that are absent are simply not used."""
+
     def extra_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """GGUF tensors computed from the config alone (no source tensor)."""
         return []
@@ -198,9 +209,18 @@ class ModelBase:
     def in_tower(self, hf_name: str) -> bool:
         return hf_name.startswith(self.towers)
 
+    @staticmethod
+    def converter_name(hf_name: str) -> str:
+        """The name llama.cpp's converter maps (ModelBase.filter_tensors): `e_score_correction_bias`
+        as a `.bias`, every `language_model.` removed (a VL checkpoint's text model)."""
+        if hf_name.endswith("e_score_correction_bias"):
+            hf_name = hf_name.removesuffix("_bias") + ".bias"
+        return hf_name.replace("language_model.", "")
+
     def modify_tensors(self, hf_name: str) -> list[Part] | None:
         """The GGUF tensors one HF tensor becomes (None: it has no counterpart): per-expert tensors
         name one expert of a stacked tensor; subclasses add row orders and splits."""
+        hf_name = self.converter_name(hf_name)
         stacked = expert_of(hf_name)
         g = self.names.get_name(stacked[0] if stacked else hf_name, try_suffixes=(".weight", ".bias"))
         if g is None:
@@ -210,6 +230,11 @@ class ModelBase:
     def row_order(self, gguf_name: str) -> Callable[[int], torch.Tensor] | None:
         """How llama.cpp orders this tensor's rows, if not as in HF."""
         return None
+
+    def stored_value(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
+        """What llama.cpp's converter stores for a carried source tensor (its selected rows, in the
+        source dtype), before the cast to the GGUF type: the value itself unless a class changes it."""
+        return value
 
     @staticmethod
     def slot(gguf_name: str) -> str:

@@ -20,6 +20,7 @@ import gguf
 import torch
 
 from ct_convert.architectures.base import Part, rope_rows
+from ct_convert.architectures.gemma import norm_plus_one
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.jsonfile import load_json
 from ct_convert.regular_files import require_regular
@@ -154,9 +155,9 @@ class VisionTower:
             return "F32"
         return None
 
-    def offset(self, gguf_name: str) -> float | None:
-        """A constant the converter adds to a tensor's float32 values (Gemma's RMSNorm `1 + w`)."""
-        return None
+    def stored_value(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
+        """What the converter stores for a carried tower tensor (ModelBase.stored_value)."""
+        return value
 
 
 def _preprocessor(root: Path) -> dict:
@@ -283,8 +284,9 @@ class Gemma3Vision(VisionTower):
             return "F32"
         return super().forced_type(hf_name, gguf_name)
 
-    def offset(self, gguf_name: str) -> float | None:
-        return 1.0 if "soft_emb_norm.weight" in gguf_name else None
+    def stored_value(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
+        # the projector's Gemma RMSNorm; SigLIP's LayerNorms are stored as they are
+        return norm_plus_one(value) if hf_name.endswith("soft_emb_norm.weight") else value
 
 
 @register("Llama4ForConditionalGeneration")

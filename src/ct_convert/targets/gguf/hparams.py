@@ -21,17 +21,20 @@ EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the or
 
 def check(reader: SourceReader, model: type[ModelBase]) -> None:
     """Refuse config.json numbers `model` (the architecture's class) would be built from, before it is."""
-    config = reader.config
+    config = model.text_config(reader.config)  # a VL checkpoint's text model: its numbers and tensors
     c = _Fields(config, str(reader.config_file or "config.json"))
     shapes = {f"{m}.weight": tuple(info.shape) for m, info in reader.modules.items()}
     shapes.update((t, tuple(reader.tensor_meta(t).shape)) for t in reader.passthrough())
     largest = max((d for s in shapes.values() for d in s), default=0)
+    shapes = {model.converter_name(name): shape for name, shape in shapes.items() if not name.startswith(model.towers)}
 
     layers = {int(m[1]) for name in shapes if (m := _LAYER.search(name))}
     n_layers = c.count("num_hidden_layers")
-    if n_layers is not None and not _exactly(layers, n_layers):
-        held = _numbered("layers", layers)
-        c.refuse("num_hidden_layers", n_layers, f"but the checkpoint's tensors hold {held}")
+    # multi-token-prediction layers follow the trunk's; a checkpoint may hold them or not
+    mtp = (c.count(model.mtp_key, n_layers or 0, allow_zero=True) or 0) if model.mtp_key else 0
+    if n_layers is not None and not (_exactly(layers, n_layers) or (mtp and _exactly(layers, n_layers + mtp))):
+        nor = f" (nor {n_layers + mtp} with {model.mtp_key} {mtp})" if mtp else ""
+        c.refuse("num_hidden_layers", n_layers, f"but the checkpoint's tensors hold {_numbered('layers', layers)}{nor}")
 
     hidden = c.count("hidden_size", largest)
     heads = c.count("num_attention_heads", largest)
@@ -60,9 +63,16 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
         used = c.count("num_experts_per_tok")
         if used is not None and used > n_experts:
             c.refuse("num_experts_per_tok", used, f"more than the {n_experts} experts")
+        first = min((n for n in layers if f"model.layers.{n}.mlp.experts.0.up_proj.weight" in shapes), default=0)  # after dense layers
         c.rows("moe_intermediate_size", c.count("moe_intermediate_size"),
-               "model.layers.0.mlp.experts.0.up_proj.weight", shapes)
+               f"model.layers.{first}.mlp.experts.0.up_proj.weight", shapes)
     c.count("decoder_sparse_step")
+    for key in ("first_k_dense_replace", "n_shared_experts", "sliding_window"):
+        c.count(key, allow_zero=True)
+    for key in ("n_group", "topk_group", "sliding_window_pattern", "_sliding_window_pattern"):
+        c.count(key)
+    for key in ("routed_scaling_factor", "partial_rotary_factor", "query_pre_attn_scalar", "final_logit_softcapping"):
+        c.positive(key)
     c.count("max_position_embeddings")
     c.positive("rms_norm_eps")
     _rope(c, config)
@@ -91,8 +101,15 @@ def _rope(c: "_Fields", config: dict) -> None:
     for kind in ("rope_type", "type"):
         if params.get(kind) is not None and not isinstance(params[kind], str):
             p.refuse(kind, params[kind], "not a string")
+    for kind in ("full_attention", "sliding_attention"):  # transformers 5: one set per layer type (Gemma-3)
+        if params.get(kind) is not None and not isinstance(params[kind], dict):
+            p.refuse(kind, params[kind], "not a JSON object")
+        sub = _Fields(params.get(kind) or {}, c.where, prefix=f"{key}.{kind}.")
+        sub.positive("rope_theta")
+        sub.positive("factor")
     p.positive("rope_theta")
     p.positive("factor")
+    p.positive("partial_rotary_factor")
     p.count("original_max_position_embeddings")
     low, high = p.positive("low_freq_factor"), p.positive("high_freq_factor")
     if (params.get("rope_type") or params.get("type")) == "llama3" and (high or 4.0) <= (low or 1.0):

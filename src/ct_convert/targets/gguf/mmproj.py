@@ -71,8 +71,6 @@ def _entries(plan: Plan, reader: SourceReader, tower: VisionTower, modules, tens
         info = reader.modules[m]
         for p in parts(f"{m}.weight"):
             forced = tower.forced_type(f"{m}.weight", p.name)
-            if tower.offset(p.name) is not None:
-                raise UnsupportedConversion(f"{m}: quantized, but llama.cpp adds a constant to {p.name}")
             if forced is not None:
                 # the dequantized weight is exact in F32 (an F16 llama.cpp forces may not hold it)
                 ggml, reason = "F32", f"llama.cpp's converter forces {forced} for {p.name}"
@@ -101,13 +99,12 @@ def _carried(reader: SourceReader, tower: VisionTower, source: str, g: str, sele
     meta = reader.tensor_meta(source)
     if meta.torch_dtype not in facts.DENSE_TYPES:
         raise UnsupportedConversion(f"{source}: a {meta.torch_dtype} tensor has no place in a GGUF")
-    offset = tower.offset(g)
     ggml = tower.forced_type(source, g)
     if ggml is None:
-        f32 = len(shape) <= 1 or g.endswith("_norm.weight") or not g.endswith(".weight") or offset is not None
+        f32 = len(shape) <= 1 or g.endswith("_norm.weight") or not g.endswith(".weight")
         ggml = "F32" if f32 else mapping.dense_type(meta.torch_dtype)
     order = (*text._order_key(reader, source, "tensor"), g)  # a copied row sorts beside its source
-    return text.Entry(g, "tensor", [source], ggml, shape, select=select, order=order, offset=offset)
+    return text.Entry(g, "tensor", [source], ggml, shape, select=select, value=tower.stored_value, order=order)
 
 
 def _check_narrowing(plan: Plan, reader: SourceReader, e) -> None:

@@ -5,7 +5,7 @@ per-expert modules as slices of the stacked `*_exps` tensor, row orders such as 
 order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
 (where it equals the source, gguf.md §0.1). The vision tower's mmproj file is read by its class
 (architectures/vision.py): an F16 the converter forces read as float32 (compared with the source
-exactly, never narrowed to F16), a constant llama.cpp added taken off, and rows it copies from a text tensor (Pixtral's `[IMG_BREAK]` embedding) checked against that tensor.
+exactly, never narrowed to F16), with the value llama.cpp stores (`as_stored`), and rows it copies from a text tensor (Pixtral's `[IMG_BREAK]` embedding) checked against that tensor.
 """
 
 from __future__ import annotations
@@ -123,12 +123,8 @@ class GGUFOutput:
             pieces.append((part, self._values(t, part.expert)))
             self._release(t)
         value = _restore_rows(pieces)
-        if self._in_tower(name):
-            offset = self.tower.offset(located[0][1].name)
-            if offset is not None:
-                value = value.to(torch.float32) - offset
-            elif value.dtype == torch.float16:  # an F16 the converter forces: compared widened, not narrowed
-                value = value.to(torch.float32)
+        if self._in_tower(name) and value.dtype == torch.float16:
+            value = value.to(torch.float32)  # an F16 the converter forces: compared widened, not narrowed
         return value if self.tower is None else self._with_copies(name, value)
 
     def _with_copies(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -144,6 +140,21 @@ class GGUFOutput:
                 value = value.to(torch.float32)
                 value[rows] = copy
         return value
+
+    def as_stored(self, name: str, source: torch.Tensor) -> torch.Tensor:
+        """A carried source tensor as this file must hold it, in the form `tensor(name)` returns: only
+        the rows the architecture keeps (Gemma-3's real vocabulary), with the value llama.cpp stores
+        (Gemma-3's norm + 1); `verify` compares this with what is read back."""
+        if self._in_tower(name):
+            return self.tower.stored_value(name, source)
+        parts = self.model.modify_tensors(name) or []
+        dim = -2 if source.dim() > 1 else 0
+        kept = [p.rows(source.shape[dim]) for p in parts]
+        if kept and all(k is not None for k in kept):
+            rows = torch.unique(torch.cat(kept))
+            if len(rows) < source.shape[dim]:
+                source = source.index_select(dim, rows)
+        return self.model.stored_value(name, source)
 
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every

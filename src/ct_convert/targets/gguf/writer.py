@@ -45,10 +45,10 @@ class Entry:
     shape: tuple[int, ...]  # numpy order: (N, K) or (E, N, K)
     reason: str | None = None  # why a quantized module is written dense
     select: Callable[[int], torch.Tensor] | None = None  # the source rows it holds, given the source's row count
+    value: Callable[[str, torch.Tensor], torch.Tensor] | None = None  # a carried tensor's stored value (ModelBase.stored_value)
     constant: torch.Tensor | None = None
     order: tuple = ()
     pending: str | None = None  # inspect only: what the scale scan decides
-    offset: float | None = None  # added to the float32 values (llama.cpp's Gemma norms: 1 + w)
 
     @property
     def nbytes(self) -> int:
@@ -208,7 +208,9 @@ def _model(reader: SourceReader) -> ModelBase:
             hint=f"Supported: {', '.join(sorted(architectures.ARCHITECTURES))}.",
         )
     hparams.check(reader, cls)  # the numbers the class builds from, before it does
-    return cls.from_config(config)
+    model = cls.from_config(config)
+    model.bind_source(reader.root)
+    return model
 
 
 def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_experts, opts: RepackOptions) -> Entry:
@@ -235,7 +237,7 @@ def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_expe
         ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in s or s in model.f32_slots else mapping.dense_type(dtype)
         shape = _selected(tuple(meta.shape), select)
         shape = shape if len(sources) == 1 else (len(sources), *shape)
-        return Entry(g, kind, sources, ggml, shape, select=select, order=order)
+        return Entry(g, kind, sources, ggml, shape, select=select, value=model.stored_value, order=order)
     infos = [reader.modules[s] for s in sources]
     choices = {mapping.choose(i, s, model, opts.nvfp4) for i in infos}
     ggml, reason = choices.pop() if len(choices) == 1 else (None, "the experts of this layer map to different types")
@@ -401,7 +403,7 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
     part = source if source is not None else unit.sources[0]
     if unit.how == CARRY:
         t = reader.get(part)
-        picked = [_carried(t, e) for e in unit.detail]
+        picked = [_carried(part, t, e) for e in unit.detail]
         cost = reader.tensor_meta(part).nbytes
     else:
         qw = reader.read(part)
@@ -410,12 +412,12 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
     return [(chunk, cost if i == 0 else 0) for i, chunk in enumerate(picked)]
 
 
-def _carried(t: torch.Tensor, e: Entry) -> torch.Tensor:
-    if e.offset is not None:
-        t = t.to(torch.float32) + e.offset
-    t = t.to(facts.TORCH_OF[e.ggml])
+def _carried(source: str, t: torch.Tensor, e: Entry) -> torch.Tensor:
     rows = e.select(_rows(tuple(t.shape))) if e.select else None
-    return t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
+    t = t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
+    if e.value is not None:
+        t = e.value(source, t)
+    return t.to(facts.TORCH_OF[e.ggml])
 
 
 Writer = GGUFWriter
