@@ -11,6 +11,7 @@ see docs/gguf-architectures.md.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property, partial
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from ct_convert.architectures.base import Part, rope_rows
 from ct_convert.architectures.gemma import norm_plus_one
-from ct_convert.errors import UnsupportedConversion
+from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.jsonfile import load_json
 from ct_convert.regular_files import require_regular
 
@@ -74,15 +75,13 @@ class VisionTower:
         if not isinstance(vision, dict):
             raise UnsupportedConversion("config.json has no vision_config")
         for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "image_size", "patch_size"):
-            value = vision.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
-                raise UnsupportedConversion(f"config.json: vision_config.{key} is {value!r}, not a whole number in 1..2^32-1")
+            whole(vision, key, "config.json: vision_config.")
         tower = cls(vision["num_hidden_layers"], vision["num_attention_heads"], vision, config, _preprocessor(root))
-        if not isinstance(tower.text_hidden, int) or tower.text_hidden <= 0:
-            raise UnsupportedConversion("config.json: no text hidden_size for clip.vision.projection_dim")
+        whole({"hidden_size": tower.text_hidden}, "hidden_size", "config.json: the text model's ")
         for key in ("image_mean", "image_std"):
-            if not isinstance(tower.preprocessor.get(key), list):
-                raise UnsupportedConversion(f"no {key} in preprocessor_config.json (llama.cpp normalizes images with it)")
+            values = tower.preprocessor.get(key)
+            if not isinstance(values, list) or not values or not all(_finite(x) for x in values):
+                raise UnsupportedConversion(f"preprocessor_config.json: {key} is {values!r}, not a list of numbers (llama.cpp normalizes images with it)")
         tower.check(root)
         return tower
 
@@ -90,7 +89,10 @@ class VisionTower:
     def from_gguf(cls, field: Callable[[str], object], token_id: Callable[[str], int | None]) -> "VisionTower":
         """`field(key)`: an mmproj metadata value or None; `token_id(text)`: the id of a token in the
         text model's vocabulary, or None."""
-        return cls(int(field("clip.vision.block_count")), int(field("clip.vision.attention.head_count")))
+        counts = [field(k) for k in ("clip.vision.block_count", "clip.vision.attention.head_count")]
+        if not all(isinstance(c, int) and c > 0 for c in counts):
+            raise InputError(f"clip.vision.block_count / attention.head_count are {counts}, not positive counts")
+        return cls(*counts)
 
     def check(self, root: Path) -> None:
         """Refuse a config the converter refuses or the clip graph computes differently."""
@@ -125,8 +127,15 @@ class VisionTower:
         raise NotImplementedError
 
     # -- tensors -------------------------------------------------------------------------------
-    def in_tower(self, hf_name: str) -> bool:
-        return hf_name.startswith(self.prefixes)
+    @classmethod
+    def in_tower(cls, hf_name: str) -> bool:
+        return cls.hf_prefixless(hf_name).startswith(cls.prefixes)
+
+    @staticmethod
+    def hf_prefixless(hf_name: str) -> str:
+        """transformers 5 saves some VL models' towers under `model.` (`model.vision_tower.…`); real
+        checkpoints, and the names llama.cpp's converter maps, have none."""
+        return hf_name.removeprefix("model.")
 
     def is_dropped(self, hf_name: str) -> bool:
         """A tower tensor the converter skips."""
@@ -134,7 +143,7 @@ class VisionTower:
 
     def hf_name(self, hf_name: str) -> str:
         """The name the converter maps (its filter_tensors renames)."""
-        return hf_name
+        return self.hf_prefixless(hf_name)
 
     def modify_tensors(self, hf_name: str) -> list[Part] | None:
         """The mmproj tensors one tower tensor becomes (None: none corresponds)."""
@@ -158,6 +167,25 @@ class VisionTower:
     def stored_value(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
         """What the converter stores for a carried tower tensor (ModelBase.stored_value)."""
         return value
+
+
+def _finite(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def whole(d: dict, key: str, where: str, default: int | None = None) -> int:
+    """A whole number in 1..2^32-1 (GGUF stores counts as uint32), or `default` when absent."""
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
+        raise UnsupportedConversion(f"{where}{key} is {value!r}, not a whole number in 1..2^32-1")
+    return value
+
+
+def positive(d: dict, key: str, where: str, default: float | None = None) -> float:
+    value = d.get(key, default)
+    if not _finite(value) or value <= 0:
+        raise UnsupportedConversion(f"{where}{key} is {value!r}, not a finite positive number")
+    return float(value)
 
 
 def _preprocessor(root: Path) -> dict:
@@ -212,7 +240,6 @@ class PixtralVision(VisionTower):
 
     projector_type = gguf.VisionProjectorType.PIXTRAL
     prefixes = ("multi_modal_projector.", "vision_tower.")
-    embedding = "language_model.model.embed_tokens.weight"
 
     def __init__(self, *args, img_break: int | None = None, **kw):
         super().__init__(*args, **kw)
@@ -229,6 +256,9 @@ class PixtralVision(VisionTower):
             raise UnsupportedConversion(f"vision model_type {self.vision.get('model_type')!r}: llama.cpp's converter takes only pixtral here")
         if self.vision.get("hidden_act") not in ("gelu", "silu"):
             raise UnsupportedConversion(f"vision hidden_act {self.vision.get('hidden_act')!r}: clip.cpp's pixtral graph runs gelu or silu")
+        positive(self.vision, "layer_norm_eps", "config.json: vision_config.", 1e-5)
+        if "spatial_merge_size" in self.config:
+            whole(self.config, "spatial_merge_size", "config.json: ")
         self.img_break = _token_id(root, "[IMG_BREAK]")
         if not self.img_break:  # the converter writes no row for id 0 either
             raise UnsupportedConversion("no [IMG_BREAK] token in tokenizer_config.json or tokenizer.json (clip.cpp needs its embedding)")
@@ -249,7 +279,7 @@ class PixtralVision(VisionTower):
         return None
 
     def copies(self, hf_name: str) -> list[Part]:
-        if hf_name != self.embedding or not self.img_break:
+        if not hf_name.endswith("embed_tokens.weight") or not self.img_break:  # the text model's embedding
             return []
         row = torch.tensor([self.img_break])
         return [Part(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_TOK_EMBD_IMG_BREAK], None, lambda n: row)]
@@ -262,11 +292,15 @@ class Gemma3Vision(VisionTower):
     projector_type = gguf.VisionProjectorType.GEMMA3
     prefixes = ("multi_modal_projector.", "vision_tower.", "multimodal_projector.", "vision_model.")
 
+    def check(self, root: Path) -> None:
+        positive(self.vision, "layer_norm_eps", "config.json: vision_config.", 1e-6)
+        whole(self.preprocessor, "image_seq_length", "preprocessor_config.json: ", 256)
+
     def is_dropped(self, hf_name: str) -> bool:
         return "vision_model.head." in hf_name  # the converter skips SigLIP's pooling head
 
     def hf_name(self, hf_name: str) -> str:
-        return hf_name.replace("_weight", ".weight")  # multi_modal_projector.mm_input_projection_weight
+        return super().hf_name(hf_name).replace("_weight", ".weight")  # multi_modal_projector.mm_input_projection_weight
 
     def add_projector_hparams(self, w: gguf.GGUFWriter) -> None:
         w.add_vision_attention_layernorm_eps(float(self.vision.get("layer_norm_eps", 1e-6)))
@@ -299,9 +333,9 @@ class Llama4Vision(VisionTower):
     def check(self, root: Path) -> None:
         if self.vision.get("hidden_act") != "gelu":
             raise UnsupportedConversion(f"vision hidden_act {self.vision.get('hidden_act')!r}: llama.cpp's llama4 projector runs gelu only")
-        ratio, eps = self.vision.get("pixel_shuffle_ratio"), self.vision.get("norm_eps")
-        if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1 or not isinstance(eps, (int, float)):
-            raise UnsupportedConversion("config.json: vision_config needs pixel_shuffle_ratio in (0, 1] and norm_eps")
+        positive(self.vision, "norm_eps", "config.json: vision_config.")
+        if positive(self.vision, "pixel_shuffle_ratio", "config.json: vision_config.") > 1:
+            raise UnsupportedConversion(f"config.json: vision_config.pixel_shuffle_ratio is {self.vision['pixel_shuffle_ratio']!r}, above 1")
 
     def add_projector_hparams(self, w: gguf.GGUFWriter) -> None:
         w.add_vision_attention_layernorm_eps(float(self.vision["norm_eps"]))
@@ -309,6 +343,7 @@ class Llama4Vision(VisionTower):
         w.add_vision_use_gelu(True)
 
     def hf_name(self, hf_name: str) -> str:
+        hf_name = super().hf_name(hf_name)
         return hf_name + ".weight" if hf_name.endswith("positional_embedding_vlm") else hf_name
 
     def modify_tensors(self, hf_name: str) -> list[Part] | None:

@@ -26,7 +26,7 @@ FILE = f"{STEM}.gguf"
 
 def in_tower(model: ModelBase, cls: type[VisionTower] | None, hf_name: str) -> bool:
     """A tensor or module of the vision tower or projector (not of the text model)."""
-    return model.in_tower(hf_name) or (cls is not None and hf_name.startswith(cls.prefixes))
+    return model.in_tower(hf_name) or (cls is not None and cls.in_tower(hf_name))
 
 
 def layout(plan: Plan, reader: SourceReader, modules: list[str], tensors: list[str], opts: RepackOptions):
@@ -86,6 +86,9 @@ def _entries(plan: Plan, reader: SourceReader, tower: VisionTower, modules, tens
             add(_carried(reader, tower, t, p.name, p.select, text._selected(tuple(reader.tensor_meta(t).shape), p.select)))
     for t in reader.passthrough():
         for p in tower.copies(t):
+            n = reader.tensor_meta(t).shape[0]
+            if int(p.rows(n).max()) >= n:
+                raise UnsupportedConversion(f"{t}: {p.name} is its row {int(p.rows(n).max())}, beyond its {n} rows")
             # one row of a text tensor, written as the 1-D tensor the converter's `data_torch[id]` is
             add(_carried(reader, tower, t, p.name, p.select, tuple(reader.tensor_meta(t).shape[-1:])))
     if not plan.inspecting:

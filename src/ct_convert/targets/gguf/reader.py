@@ -69,7 +69,10 @@ class GGUFOutput:
         if cls is None:
             raise InputError(f"{folder / mmproj.FILE}: not a vision projector ct-convert writes (projector {projector!r})")
         tokens = self._field(head, "tokenizer.ggml.tokens") or []
-        return cls.from_gguf(lambda key: self._field(r, key), lambda text: tokens.index(text) if text in tokens else None)
+        try:
+            return cls.from_gguf(lambda key: self._field(r, key), lambda text: tokens.index(text) if text in tokens else None)
+        except InputError as e:
+            raise InputError(f"{folder / mmproj.FILE}: {e}") from None
 
     def _in_tower(self, hf_name: str) -> bool:
         return self.tower is not None and mmproj.in_tower(self.model, type(self.tower), hf_name)

@@ -1,0 +1,153 @@
+"""The vision tower's mmproj file (`--target gguf` on multimodal sources): each tower class against
+llama.cpp's converter's recorded output, a quantized tower module, a tower that is not written (said
+on stderr and in the manifest, never silently), and `verify` reading the mmproj back."""
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import FIXTURES, equal_bits
+from llamacpp_oracle import DATA, compare_metadata, compare_tensors, read_ours
+from test_gguf_writer import hf_rows
+from ct_convert.architectures import vision
+from ct_convert.plan import Plan
+from ct_convert.readers.checkpoint import open_checkpoint
+from ct_convert.source import resolve
+from ct_convert.targets.gguf import mmproj, writer
+from ct_convert.targets.writer_base import RepackOptions
+
+MISTRAL3 = FIXTURES / "gguf" / "mistral3-w4a16"
+TEXT_Q = "language_model.model.layers.0.self_attn.q_proj"
+TOWER_Q = "vision_tower.transformer.layers.0.attention.q_proj"
+
+
+def tower_only(src, out):
+    """The mmproj file alone, through the writer's own tower path (mmproj.layout, the scale scan,
+    units, file and write), for a source whose text class is not on this branch."""
+    reader = open_checkpoint(resolve(str(src)))
+    cls = vision.lookup(reader.config)
+    modules = [m for m in reader.modules if m.startswith(cls.prefixes)]
+    tensors = [t for t in reader.passthrough() if t.startswith(cls.prefixes) and not reader.is_quantization_param(t)]
+    opts = RepackOptions("gguf", workers=1)
+    plan = Plan("gguf")
+    tower, entries = mmproj.layout(plan, reader, modules, tensors, opts)
+    assert tower is not None, plan.notes
+    entries = writer._scan_scales(reader, tower, entries)
+    plan.units = writer._units(reader, entries)
+    outputs = {o.name: o for o in plan.outputs()}
+    plan.detail = [writer._file(mmproj.metadata(reader, tower, writer._file_type(entries)), mmproj.STEM, entries, outputs)]
+    out.mkdir()
+    writer.GGUFWriter("gguf").write(plan, reader, out, opts, lambda n: None)
+    return out / mmproj.FILE
+
+
+def test_llama4_tower_class_matches_the_converter(tmp_path):
+    """Llama4Vision against the converter's recorded mmproj (metadata, names, shapes, forced types,
+    values); end to end through `repack` once the Llama-4 text class is merged (test_gguf_llamacpp)."""
+    want = json.loads((DATA / "llama4-w4a16.json").read_text())["mmproj"]
+    mine = read_ours(tower_only(FIXTURES / "gguf" / "llama4-w4a16", tmp_path / "out"))
+    problems = compare_metadata(mine["metadata"], want["metadata"]) + compare_tensors(mine["tensors"], want["tensors"])
+    assert not problems, "\n".join(problems)
+
+
+def with_quantized_tower_q(tmp_path):
+    """Mistral-3 with its first vision q_proj quantized as the text q_proj is (the same packed
+    tensors: both are [64, 64]) and removed from `ignore`; the library's decompression of those
+    tensors is the fixture's reference for the text q_proj."""
+    src = tmp_path / "src"
+    shutil.copytree(MISTRAL3, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors[f"{TOWER_Q}.weight"]
+    for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+        tensors[f"{TOWER_Q}.{suffix}"] = tensors[f"{TEXT_Q}.{suffix}"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["ignore"].remove(TOWER_Q)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src, load_file(MISTRAL3 / "reference.safetensors")[f"{TEXT_Q}.weight"]
+
+
+def test_a_quantized_tower_module_keeps_its_block_type(cli, tmp_path):
+    src, reference = with_quantized_tower_q(tmp_path)
+    out = tmp_path / "out"
+    r = cli("repack", src, out, "--target", "gguf", "--json")
+    assert r.code == 0, r.err
+    manifest = json.loads((out / "ct-convert.json").read_text())
+    entry = manifest["modules"][TOWER_Q]
+    assert (entry["status"], entry["tensor"], entry["type"], entry["verified"]["exact"]) == ("converted", "v.blk.0.attn_q.weight", "Q4_0", True)
+    assert set(manifest["files"]) == {"model.gguf", "mmproj-model.gguf"}
+    t = {t.name: t for t in gguf.GGUFReader(out / "mmproj-model.gguf").tensors}["v.blk.0.attn_q.weight"]
+    assert gguf.GGMLQuantizationType(t.tensor_type).name == "Q4_0"
+    stored = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType.Q4_0)))
+    # Pixtral's q/k rows in llama.cpp's rope order with the vision tower's 2 heads (LlavaVisionModel)
+    assert equal_bits(hf_rows(stored, 2).to(torch.bfloat16), reference)
+    inspected = {m["name"]: m for m in cli("inspect", src, "--json", "--modules").json()["modules"]}
+    assert inspected[TOWER_Q]["targets"]["gguf"] is not False
+
+
+def unsupported_tower(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(MISTRAL3, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "relu"
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+@pytest.mark.parametrize("mode", ["--json", "--quiet"])
+def test_a_tower_not_written_is_said_on_stderr_and_in_the_manifest(cli, tmp_path, mode):
+    """A tower llama.cpp's graph cannot run as configured (pixtral with relu): the text model is
+    written, the tower is listed in dropped_tensors, and the reason is a manifest note and a warning
+    on stderr whatever the output mode."""
+    out = tmp_path / "out"
+    r = cli("repack", unsupported_tower(tmp_path), out, "--target", "gguf", mode)
+    assert r.code == 0, r.err
+    warnings = [line for line in r.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "vision tower" in warnings[0] and "relu" in warnings[0] and "mmproj-model.gguf" in warnings[0]
+    manifest = json.loads((out / "ct-convert.json").read_text())
+    assert any("vision tower" in n and "relu" in n for n in manifest["notes"])
+    assert {"vision_tower.patch_conv.weight", "multi_modal_projector.linear_1.weight"} <= set(manifest["dropped_tensors"])
+    assert sorted(p.name for p in out.iterdir()) == ["ct-convert.json", "model.gguf"]
+    names = [t.name for t in gguf.GGUFReader(out / "model.gguf").tensors]
+    assert "blk.0.attn_q.weight" in names and not any(n.startswith(("v.", "mm.")) for n in names)
+
+
+def test_strict_refuses_a_tower_it_cannot_write(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("repack", unsupported_tower(tmp_path), out, "--target", "gguf", "--strict")
+    assert r.code == 2 and "relu" in r.err and "--strict" in r.err and not out.exists()
+
+
+def corrupt(path, tensor: str) -> None:
+    """Flip one bit of a tensor's first stored byte."""
+    t = {t.name: t for t in gguf.GGUFReader(path).tensors}[tensor]
+    with open(path, "r+b") as f:
+        f.seek(t.data_offset)
+        byte = f.read(1)[0]
+        f.seek(t.data_offset)
+        f.write(bytes([byte ^ 0x01]))
+
+
+@pytest.mark.parametrize("tensor, source", [
+    ("v.blk.1.attn_out.weight", "vision_tower.transformer.layers.1.attention.o_proj.weight"),
+    ("v.blk.0.attn_k.weight", "vision_tower.transformer.layers.0.attention.k_proj.weight"),
+    ("v.token_embd.img_break", "language_model.model.embed_tokens.weight"),
+])  # fmt: skip
+def test_verify_reads_the_mmproj_back(cli, tmp_path, tensor, source):
+    out = tmp_path / "out"
+    assert cli("repack", MISTRAL3, out, "--target", "gguf", "--quiet").code == 0
+    r = cli("verify", MISTRAL3, out, "--json")
+    assert r.code == 0, r.err
+    checked = {x["module"] for x in r.json()["results"]}
+    assert {source, "vision_tower.patch_conv.weight", "multi_modal_projector.norm.weight"} <= checked
+    corrupt(out / "mmproj-model.gguf", tensor)
+    r = cli("verify", MISTRAL3, out, "--json")
+    assert r.code == 1
+    assert [x["module"] for x in r.json()["results"] if not x["ok"]] == [source]
+    r = cli("verify", "--manifest", out, "--json")
+    assert r.code == 1 and [p["file"] for p in r.json()["problems"]] == ["mmproj-model.gguf"]
