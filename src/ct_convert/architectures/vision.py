@@ -44,6 +44,12 @@ def lookup(config: dict) -> type["VisionTower"] | None:
     return VISION.get(archs[0]) if archs else None
 
 
+def in_tower(model, cls: type["VisionTower"] | None, hf_name: str) -> bool:
+    """A tensor or module of the vision tower or projector, not of the text model (`model`, whose
+    `towers` name its own idea of them)."""
+    return model.in_tower(hf_name) or (cls is not None and cls.in_tower(hf_name))
+
+
 def for_projector(projector_type: str) -> type["VisionTower"] | None:
     """The class an mmproj file's `clip.projector_type` names."""
     return next((c for c in VISION.values() if c.projector_type == projector_type), None)

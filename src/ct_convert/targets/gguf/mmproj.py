@@ -11,7 +11,7 @@ import gguf
 import torch
 
 from ct_convert.architectures import hf_architecture, vision
-from ct_convert.architectures.base import ModelBase, slot
+from ct_convert.architectures.base import slot
 from ct_convert.architectures.vision import VisionTower
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.plan import Plan
@@ -20,13 +20,7 @@ from ct_convert.targets.gguf import facts, mapping
 from ct_convert.targets.gguf import writer as text  # Entry and the text file's helpers (a cycle: used at call time)
 from ct_convert.targets.writer_base import RepackOptions
 
-STEM = "mmproj-model"
-FILE = f"{STEM}.gguf"
-
-
-def in_tower(model: ModelBase, cls: type[VisionTower] | None, hf_name: str) -> bool:
-    """A tensor or module of the vision tower or projector (not of the text model)."""
-    return model.in_tower(hf_name) or (cls is not None and cls.in_tower(hf_name))
+STEM, FILE = facts.MMPROJ_STEM, facts.MMPROJ_FILE
 
 
 def layout(plan: Plan, reader: SourceReader, modules: list[str], tensors: list[str], opts: RepackOptions):

@@ -20,8 +20,7 @@ import torch
 from ct_convert import architectures
 from ct_convert.architectures import Part, vision
 from ct_convert.errors import InputError
-from ct_convert.targets.gguf import mmproj
-from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
+from ct_convert.targets.gguf.facts import MMPROJ_FILE, QUANTIZED, Q4_0_ZERO, block_bytes
 from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
 _ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
@@ -39,14 +38,14 @@ class GGUFOutput:
     working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
 
     def __init__(self, folder: Path, source_architecture: str | None = None):
-        self.files = sorted(folder.glob("*.gguf"), key=lambda f: f.name == mmproj.FILE)  # the text model first
+        self.files = sorted(folder.glob("*.gguf"), key=lambda f: (f.name == MMPROJ_FILE, f.name))  # the text model first
         try:
             self.readers = [gguf.GGUFReader(f) for f in self.files]
         except (OSError, ValueError) as e:
             raise InputError(f"{folder}: unreadable GGUF ({e})") from None
-        tower_reader = self.readers.pop() if self.files[-1].name == mmproj.FILE else None
+        tower_reader = self.readers.pop() if self.files[-1].name == MMPROJ_FILE else None
         if not self.readers:
-            raise InputError(f"{folder}: {mmproj.FILE} without the text model's GGUF")
+            raise InputError(f"{folder}: {MMPROJ_FILE} without the text model's GGUF")
         every = self.readers + ([tower_reader] if tower_reader else [])
         self.tensors = {t.name: t for r in every for t in r.tensors}  # v.* / mm.* never clash with text names
         # np.memmap keeps its mmap object private; without it pages are simply not released early
@@ -67,15 +66,15 @@ class GGUFOutput:
         projector = self._field(r, "clip.projector_type")
         cls = vision.for_projector(projector) if self._field(r, "general.architecture") == "clip" else None
         if cls is None:
-            raise InputError(f"{folder / mmproj.FILE}: not a vision projector ct-convert writes (projector {projector!r})")
+            raise InputError(f"{folder / MMPROJ_FILE}: not a vision projector ct-convert writes (projector {projector!r})")
         tokens = self._field(head, "tokenizer.ggml.tokens") or []
         try:
             return cls.from_gguf(lambda key: self._field(r, key), lambda text: tokens.index(text) if text in tokens else None)
         except InputError as e:
-            raise InputError(f"{folder / mmproj.FILE}: {e}") from None
+            raise InputError(f"{folder / MMPROJ_FILE}: {e}") from None
 
     def _in_tower(self, hf_name: str) -> bool:
-        return self.tower is not None and mmproj.in_tower(self.model, type(self.tower), hf_name)
+        return self.tower is not None and vision.in_tower(self.model, type(self.tower), hf_name)
 
     @staticmethod
     def _field(reader: gguf.GGUFReader, key: str):

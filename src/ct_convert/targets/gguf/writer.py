@@ -176,14 +176,14 @@ def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[Mode
             selects[p.name] = p.select
 
     for name in reader.modules:
-        if mmproj.in_tower(model, tower_cls, name):
+        if vision.in_tower(model, tower_cls, name):
             tower_modules.append(name)
             continue
         place(f"{name}.weight", "module", name)
     for t in reader.passthrough():
         if reader.is_quantization_param(t):
             plan.dropped.append(t)
-        elif mmproj.in_tower(model, tower_cls, t):
+        elif vision.in_tower(model, tower_cls, t):
             tower_tensors.append(t)
         elif model.is_dropped(t):
             plan.dropped.append(t)
