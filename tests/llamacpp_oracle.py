@@ -54,6 +54,7 @@ FIXTURES = {
     "gemma3-vl-w4a16-g32": ("gguf/gemma3-vl-w4a16-g32", True, "default"),
     "glm4moe-mixed-w8a16-w4a16": ("gguf/glm4moe-mixed-w8a16-w4a16", False, "default"),
     "llama4-w4a16": ("gguf/llama4-w4a16", True, "default"),
+    "llama4-text-interleaved-w4a16": ("gguf/llama4-text-interleaved-w4a16", False, "default"),
     "mistral3-w4a16": ("gguf/mistral3-w4a16", True, "default"),
     "phi3-w4a16": ("gguf/phi3-w4a16", False, "default"),
 }
@@ -113,7 +114,7 @@ def dense(src: Path, dst: Path) -> None:
     cmd = [sys.executable, "-c", "from ct_convert.cli import main; main()", "repack", str(src), str(dst), "--target", "dense", "--quiet"]
     subprocess.run(cmd, check=True)
     config = json.loads((dst / "config.json").read_text())
-    if (config.get("architectures") or [None])[0] == "Llama4ForConditionalGeneration":
+    if (config.get("architectures") or [None])[0] in ("Llama4ForConditionalGeneration", "Llama4ForCausalLM"):
         fuse_llama4_experts(dst)
 
 

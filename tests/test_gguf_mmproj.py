@@ -1,6 +1,6 @@
-"""The vision tower's mmproj file (`--target gguf` on multimodal sources): each tower class against
-llama.cpp's converter's recorded output, a quantized tower module, a tower that is not written (said
-on stderr and in the manifest, never silently), and `verify` reading the mmproj back."""
+"""The vision tower's mmproj file (`--target gguf` on multimodal sources) beyond the comparison with
+llama.cpp's converter (test_gguf_llamacpp.py): a quantized tower module, a tower that is not written
+(said on stderr and in the manifest, never silently), and `verify` reading the mmproj back."""
 
 import json
 import shutil
@@ -12,47 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, equal_bits
-from llamacpp_oracle import DATA, compare_metadata, compare_tensors, read_ours
 from test_gguf_writer import hf_rows
-from ct_convert.architectures import vision
-from ct_convert.plan import Plan
-from ct_convert.readers.checkpoint import open_checkpoint
-from ct_convert.source import resolve
-from ct_convert.targets.gguf import mmproj, writer
-from ct_convert.targets.writer_base import RepackOptions
 
 MISTRAL3 = FIXTURES / "gguf" / "mistral3-w4a16"
 TEXT_Q = "language_model.model.layers.0.self_attn.q_proj"
 TOWER_Q = "vision_tower.transformer.layers.0.attention.q_proj"
-
-
-def tower_only(src, out):
-    """The mmproj file alone, through the writer's own tower path (mmproj.layout, the scale scan,
-    units, file and write), for a source whose text class is not on this branch."""
-    reader = open_checkpoint(resolve(str(src)))
-    cls = vision.lookup(reader.config)
-    modules = [m for m in reader.modules if m.startswith(cls.prefixes)]
-    tensors = [t for t in reader.passthrough() if t.startswith(cls.prefixes) and not reader.is_quantization_param(t)]
-    opts = RepackOptions("gguf", workers=1)
-    plan = Plan("gguf")
-    tower, entries = mmproj.layout(plan, reader, modules, tensors, opts)
-    assert tower is not None, plan.notes
-    entries = writer._scan_scales(reader, tower, entries)
-    plan.units = writer._units(reader, entries)
-    outputs = {o.name: o for o in plan.outputs()}
-    plan.detail = [writer._file(mmproj.metadata(reader, tower, writer._file_type(entries)), mmproj.STEM, entries, outputs)]
-    out.mkdir()
-    writer.GGUFWriter("gguf").write(plan, reader, out, opts, lambda n: None)
-    return out / mmproj.FILE
-
-
-def test_llama4_tower_class_matches_the_converter(tmp_path):
-    """Llama4Vision against the converter's recorded mmproj (metadata, names, shapes, forced types,
-    values); end to end through `repack` once the Llama-4 text class is merged (test_gguf_llamacpp)."""
-    want = json.loads((DATA / "llama4-w4a16.json").read_text())["mmproj"]
-    mine = read_ours(tower_only(FIXTURES / "gguf" / "llama4-w4a16", tmp_path / "out"))
-    problems = compare_metadata(mine["metadata"], want["metadata"]) + compare_tensors(mine["tensors"], want["tensors"])
-    assert not problems, "\n".join(problems)
 
 
 def with_quantized_tower_q(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from ct_convert.errors import InputError, UnsupportedConversion
 
 # per-expert HF modules; llama.cpp only knows the stacked 3-D tensor of each (layer, projection)
-_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(?P<prefix>.+\.(?:mlp|feed_forward)\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 # tensors no llama.cpp graph reads: recomputed by the engine
 _DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -69,6 +69,14 @@ def _need(config: dict, key: str):
     return config[key]
 
 
+def text_config(config: dict) -> dict:
+    """config.json as llama.cpp's converter reads it: a multimodal model's text_config over the top level."""
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise InputError("config.json: text_config is not a JSON object")
+    return {**config, **(text or {})}
+
+
 def rope_params(config: dict) -> tuple[float, dict]:
     params = config.get("rope_scaling") or config.get("rope_parameters") or {}
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
@@ -105,6 +113,11 @@ class ModelBase:
     # as the mmproj file by their class in architectures/vision.py (or listed as not written, and said so)
     towers: tuple[str, ...] = ()
     mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (block_count has them)
+    # (config.json key, tensors whose rows it gives): checked by targets/gguf/hparams.py
+    ffn_rows: tuple[tuple[str, str], ...] = (
+        ("intermediate_size", r"model\.layers\.0\.mlp\.up_proj\.weight"),
+        ("moe_intermediate_size", r"model\.layers\.\d+\.mlp\.experts\.0\.up_proj\.weight"),  # after dense first layers too
+    )
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
         self.n_layers = n_layers
@@ -115,11 +128,16 @@ class ModelBase:
     @staticmethod
     def text_config(config: dict) -> dict:
         """The config llama.cpp's converter reads (TextModel): text_config merged over the top level."""
-        return {**config, **(config.get("text_config") or {})}
+        return text_config(config)
+
+    @classmethod
+    def expert_layers(cls, config: dict, n_layers: int) -> set[int] | None:
+        """The layers llama.cpp's graph builds with experts, where it decides that from the config."""
+        return None
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":
-        config = cls.text_config(config)
+        config = text_config(config)
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "rms_norm_eps"):
             _need(config, key)
         n_head = int(config["num_attention_heads"])

@@ -10,6 +10,7 @@ import torch
 
 from ct_convert.architectures import register
 from ct_convert.architectures.base import ModelBase, rope_kind, rope_params, rope_rows, slot
+from ct_convert.errors import InputError
 
 
 @register("LlamaForCausalLM", "MistralForCausalLM")
@@ -48,6 +49,8 @@ def rope_freqs(config: dict) -> torch.Tensor | None:
     smooth = (old_ctx / wavelen - low) / (high - low)
     mid = 1.0 / ((1 - smooth) / factor + smooth)
     out = torch.where(wavelen < old_ctx / high, torch.ones_like(freqs), torch.where(wavelen > old_ctx / low, torch.full_like(freqs, factor), mid))
+    if not bool(torch.isfinite(out).all()):  # equal low/high factors and a wavelength exactly on them: 0/0
+        raise InputError("config.json: llama3 rope parameters give a non-finite frequency factor (a wavelength on equal low/high_freq_factor bounds)")
     return out.to(torch.float32)
 
 
@@ -55,16 +58,11 @@ def rope_freqs(config: dict) -> torch.Tensor | None:
 class Mistral3Model(LlamaModel):
     """The text model of Mistral-3 (Mistral-Small-3.1): llama.cpp's `mistral3` graph, llama's Q/K row
     order, weights under `language_model.`. The vision tower and projector go to llama.cpp's separate
-    mmproj file, which is not written yet: they are dropped, listed, and said so (`towers`)."""
+    mmproj file (`towers`; PixtralVision in architectures/vision.py writes it)."""
 
     gguf_arch = gguf.MODEL_ARCH.MISTRAL3
     trtllm_legacy = None
     towers = ("vision_tower.", "multi_modal_projector.")
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ModelBase":
-        # the text model's numbers live in text_config; what only the top level says (quantization) stays
-        return super().from_config({**config, **(config.get("text_config") or {})})
 
     def modify_tensors(self, hf_name: str):
         return super().modify_tensors(hf_name.removeprefix("language_model."))
