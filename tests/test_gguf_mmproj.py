@@ -1,8 +1,10 @@
 """The vision tower's mmproj file (`--target gguf` on multimodal sources) beyond the comparison with
 llama.cpp's converter (test_gguf_llamacpp.py): a quantized tower module, a tower that is not written
-(said on stderr and in the manifest, never silently), and `verify` reading the mmproj back."""
+(said on stderr and in the manifest, never silently), `verify` reading the mmproj back, and
+(opt-in: CT_CONVERT_ENGINE_TESTS=1 with llama-cpp-python 0.3.36) llama.cpp's libmtmd loading it."""
 
 import json
+import os
 import shutil
 
 import gguf
@@ -115,3 +117,52 @@ def test_verify_reads_the_mmproj_back(cli, tmp_path, tensor, source):
     assert [x["module"] for x in r.json()["results"] if not x["ok"]] == [source]
     r = cli("verify", "--manifest", out, "--json")
     assert r.code == 1 and [p["file"] for p in r.json()["problems"]] == ["mmproj-model.gguf"]
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(os.environ.get("CT_CONVERT_ENGINE_TESTS") != "1", reason="set CT_CONVERT_ENGINE_TESTS=1")
+@pytest.mark.parametrize("name, image_tokens", [
+    ("mistral3-w4a16", 2 * 2 + 1),  # 4x4 patches merged 2x2, one [IMG_BREAK] after each row but the last
+    ("gemma3-vl-w4a16-g32", 4),  # mm_tokens_per_image
+    ("llama4-w4a16", None),
+])  # fmt: skip
+def test_llama_cpp_loads_the_mmproj_and_encodes_an_image(cli, tmp_path, name, image_tokens):
+    """llama.cpp's own multimodal library (libmtmd of llama-cpp-python 0.3.36) loads the text model
+    and our mmproj file, and turns a 64x64 image into finite embeddings of the text width."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mtmd
+
+    src = FIXTURES / "gguf" / name
+    out = tmp_path / "out"
+    assert cli("repack", src, out, "--target", "gguf", "--quiet").code == 0
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(str(out / "model.gguf").encode(), llama_cpp.llama_model_default_params())
+    assert model
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.warmup, params.print_timings, params.n_threads = False, False, False, 1
+    ctx = mtmd.mtmd_init_from_file(str(out / "mmproj-model.gguf").encode(), model, params)
+    assert ctx, "libmtmd refused the mmproj file"
+    try:
+        side = 64
+        pixels = (ctypes.c_uint8 * (side * side * 3))(*((7 * i) % 256 for i in range(side * side * 3)))
+        bitmap = mtmd.mtmd_bitmap_init(side, side, pixels)
+        prompt = b"look: " + mtmd.mtmd_default_marker()
+        text = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
+        chunks = mtmd.mtmd_input_chunks_init()
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        images = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+        images = [c for c in images if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        assert len(images) == 1
+        n = mtmd.mtmd_input_chunk_get_n_tokens(images[0])
+        assert image_tokens is None or n == image_tokens
+        assert mtmd.mtmd_encode_chunk(ctx, images[0]) == 0
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+        assert n > 0 and np.isfinite(embd).all() and np.abs(embd).max() > 0
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        mtmd.mtmd_free(ctx)
+        llama_cpp.llama_model_free(model)
