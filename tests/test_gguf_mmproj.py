@@ -56,27 +56,32 @@ def test_a_quantized_tower_module_keeps_its_block_type(cli, tmp_path):
     assert inspected[TOWER_Q]["targets"]["gguf"] is not False
 
 
-def unsupported_tower(tmp_path):
+def unsupported_tower(tmp_path, key="hidden_act", value="relu"):
     src = tmp_path / "src"
     shutil.copytree(MISTRAL3, src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["vision_config"]["hidden_act"] = "relu"
+    cfg["vision_config"][key] = value
     (src / "config.json").write_text(json.dumps(cfg))
     return src
 
 
-@pytest.mark.parametrize("mode", ["--json", "--quiet"])
-def test_a_tower_not_written_is_said_on_stderr_and_in_the_manifest(cli, tmp_path, mode):
-    """A tower llama.cpp's graph cannot run as configured (pixtral with relu): the text model is
-    written, the tower is listed in dropped_tensors, and the reason is a manifest note and a warning
-    on stderr whatever the output mode."""
+@pytest.mark.parametrize("mode, key, value, why", [
+    ("--json", "hidden_act", "relu", "hidden_act 'relu'"),  # llama.cpp's pixtral graph runs gelu or silu
+    ("--quiet", "hidden_act", "relu", "hidden_act 'relu'"),
+    ("--json", "num_hidden_layers", 10**9, "num_hidden_layers is 1000000000, but the tower's tensors hold layers 0..2"),
+    ("--json", "num_attention_heads", 3, "rows do not split into the tower's heads"),
+])  # fmt: skip
+def test_a_tower_not_written_is_said_on_stderr_and_in_the_manifest(cli, tmp_path, mode, key, value, why):
+    """A tower llama.cpp's graph cannot run as configured, or whose config does not fit its tensors:
+    the text model is written, the tower is listed in dropped_tensors, and the reason is a manifest
+    note and a warning on stderr whatever the output mode."""
     out = tmp_path / "out"
-    r = cli("repack", unsupported_tower(tmp_path), out, "--target", "gguf", mode)
+    r = cli("repack", unsupported_tower(tmp_path, key, value), out, "--target", "gguf", mode)
     assert r.code == 0, r.err
     warnings = [line for line in r.err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "vision tower" in warnings[0] and "relu" in warnings[0] and "mmproj-model.gguf" in warnings[0]
+    assert len(warnings) == 1 and "vision tower" in warnings[0] and why in warnings[0] and "mmproj-model.gguf" in warnings[0]
     manifest = json.loads((out / "ct-convert.json").read_text())
-    assert any("vision tower" in n and "relu" in n for n in manifest["notes"])
+    assert any("vision tower" in n and why in n for n in manifest["notes"])
     assert {"vision_tower.patch_conv.weight", "multi_modal_projector.linear_1.weight"} <= set(manifest["dropped_tensors"])
     assert sorted(p.name for p in out.iterdir()) == ["ct-convert.json", "model.gguf"]
     names = [t.name for t in gguf.GGUFReader(out / "model.gguf").tensors]

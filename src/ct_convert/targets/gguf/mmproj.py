@@ -7,6 +7,8 @@ said so in the manifest's notes and on stderr; never dropped silently.
 
 from __future__ import annotations
 
+import re
+
 import gguf
 import torch
 
@@ -21,6 +23,7 @@ from ct_convert.targets.gguf import writer as text  # Entry and the text file's 
 from ct_convert.targets.writer_base import RepackOptions
 
 STEM, FILE = facts.MMPROJ_STEM, facts.MMPROJ_FILE
+_LAYER = re.compile(r"\.layers\.(\d+)\.")  # a tower's encoder layers (gguf-py's v.blk.N)
 
 
 def layout(plan: Plan, reader: SourceReader, modules: list[str], tensors: list[str], opts: RepackOptions):
@@ -32,6 +35,7 @@ def layout(plan: Plan, reader: SourceReader, modules: list[str], tensors: list[s
         if cls is None:
             raise UnsupportedConversion(f"ct-convert has no vision tower class for {hf_architecture(reader.config)}")
         tower = cls.from_source(reader.config, reader.root)
+        _check_layers(tower, modules + tensors)
         return tower, _entries(plan, reader, tower, modules, tensors, opts)
     except UnsupportedConversion as e:
         message = (
@@ -45,6 +49,23 @@ def layout(plan: Plan, reader: SourceReader, modules: list[str], tensors: list[s
         plan.notes.append(message)
         plan.warnings.append(message)
         return None, []
+
+
+def _check_layers(tower: VisionTower, names: list[str]) -> None:
+    """The tower's layers are 0..block_count-1, as its config says (a claim of 10^9 layers would size
+    gguf-py's name map)."""
+    layers = {int(m[1]) for n in names if (m := _LAYER.search(n))}
+    if len(layers) != tower.n_layers or (layers and (min(layers), max(layers)) != (0, tower.n_layers - 1)):
+        held = f"layers {min(layers)}..{max(layers)} ({len(layers)})" if layers else "no layers"
+        raise UnsupportedConversion(f"config.json: vision_config.num_hidden_layers is {tower.n_layers}, but the tower's tensors hold {held}")
+
+
+def _shape(source: str, shape: tuple, select) -> tuple:
+    """A source shape with its rows narrowed to a part's `select`, which must fit them."""
+    try:
+        return text._selected(shape, select)
+    except RuntimeError:  # a row order whose heads do not divide the rows
+        raise UnsupportedConversion(f"{source}: its {shape[-2] if len(shape) > 1 else shape[0]} rows do not split into the tower's heads") from None
 
 
 def _entries(plan: Plan, reader: SourceReader, tower: VisionTower, modules, tensors, opts: RepackOptions) -> list:
@@ -70,14 +91,14 @@ def _entries(plan: Plan, reader: SourceReader, tower: VisionTower, modules, tens
                 ggml, reason = "F32", f"llama.cpp's converter forces {forced} for {p.name}"
             else:
                 ggml, reason = mapping.choose(info, slot(p.name), tower, opts.nvfp4)
-            shape = text._selected(tuple(info.shape), p.select)
+            shape = _shape(m, tuple(info.shape), p.select)
             add(text.Entry(p.name, "module", [m], ggml, shape, reason=reason, select=p.select, order=text._order_key(reader, m, "module")))
     for t in tensors:
         if tower.is_dropped(t):
             plan.dropped.append(t)
             continue
         for p in parts(t):
-            add(_carried(reader, tower, t, p.name, p.select, text._selected(tuple(reader.tensor_meta(t).shape), p.select)))
+            add(_carried(reader, tower, t, p.name, p.select, _shape(t, tuple(reader.tensor_meta(t).shape), p.select)))
     for t in reader.passthrough():
         for p in tower.copies(t):
             n = reader.tensor_meta(t).shape[0]

@@ -5,7 +5,8 @@ per-expert modules as slices of the stacked `*_exps` tensor, row orders such as 
 order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
 (where it equals the source, gguf.md §0.1). The vision tower's mmproj file is read by its class
 (architectures/vision.py): an F16 the converter forces read as float32 (compared with the source
-exactly, never narrowed to F16), with the value llama.cpp stores (`as_stored`), and rows it copies from a text tensor (Pixtral's `[IMG_BREAK]` embedding) checked against that tensor.
+exactly, never narrowed to F16), with the value llama.cpp stores (`as_stored`), and rows it copies
+from a text tensor (Pixtral's `[IMG_BREAK]` embedding) checked against that tensor.
 """
 
 from __future__ import annotations
