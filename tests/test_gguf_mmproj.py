@@ -124,6 +124,20 @@ def test_verify_reads_the_mmproj_back(cli, tmp_path, tensor, source):
     assert r.code == 1 and [p["file"] for p in r.json()["problems"]] == ["mmproj-model.gguf"]
 
 
+def hf_image_features(cli, src, dense, pixels: np.ndarray) -> np.ndarray:
+    """transformers' projected image features (float32) for RGB `pixels`, rescaled and normalized
+    as the preprocessor says, on the exact dequantized weights (`--target dense`)."""
+    import transformers
+
+    assert cli("repack", src, dense, "--target", "dense", "--quiet").code == 0
+    pre = json.loads((src / "preprocessor_config.json").read_text())
+    x = (pixels.astype(np.float32) / 255 - np.array(pre["image_mean"], np.float32)) / np.array(pre["image_std"], np.float32)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=torch.from_numpy(x).permute(2, 0, 1)[None])
+    return getattr(out, "pooler_output", out)[0].numpy()  # transformers 5: the projected features
+
+
 @pytest.mark.engine
 @pytest.mark.skipif(os.environ.get("CT_CONVERT_ENGINE_TESTS") != "1", reason="set CT_CONVERT_ENGINE_TESTS=1")
 @pytest.mark.parametrize("name, image_tokens", [
@@ -137,7 +151,8 @@ def test_verify_reads_the_mmproj_back(cli, tmp_path, tensor, source):
 ])  # fmt: skip
 def test_llama_cpp_loads_the_mmproj_and_encodes_an_image(cli, tmp_path, name, image_tokens):
     """llama.cpp's own multimodal library (libmtmd of llama-cpp-python 0.3.36) loads the text model
-    and our mmproj file, and turns a 64x64 image into finite embeddings of the text width."""
+    and our mmproj file, and turns a 64x64 image into finite embeddings of the text width; Gemma-3's
+    equal transformers' on the dequantized model."""
     import ctypes
 
     import llama_cpp
@@ -170,8 +185,13 @@ def test_llama_cpp_loads_the_mmproj_and_encodes_an_image(cli, tmp_path, name, im
         assert n == image_tokens
         assert mtmd.mtmd_encode_chunk(ctx, images[0]) == 0
         n_embd = llama_cpp.llama_model_n_embd(model)
-        embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+        embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd)
         assert n > 0 and np.isfinite(embd).all() and np.abs(embd).max() > 0
+        if name.startswith("gemma3"):  # no resizing at 64x64: transformers sees the same pixels
+            want = hf_image_features(cli, src, tmp_path / "dense", np.ctypeslib.as_array(pixels).reshape(side, side, 3))
+            # within llama.cpp's activation rounding; a missing 1 + w, a transposed projection or a
+            # misnamed tensor moves them by O(1)
+            assert np.abs(embd - want).max() <= 5e-3 * np.abs(want).max()
         mtmd.mtmd_input_chunks_free(chunks)
         mtmd.mtmd_bitmap_free(bitmap)
     finally:
