@@ -48,6 +48,7 @@ FIXTURES = {
     "gguf-qwen3-w4a16": (None, False, "default"),
     "qwen3moe-w4a16": ("gguf/qwen3moe-w4a16", False, "default"),
     "deepseek-v3-w4a16": ("gguf/deepseek-v3-w4a16", False, "default"),
+    "deepseek-v2-lite-w4a16-g32": ("gguf/deepseek-v2-lite-w4a16-g32", False, "default"),
     # llama.cpp converts a tiktoken vocabulary only for the kimi-k2 pre-tokenizer
     "kimi-k2-w4a16-g32": ("gguf/kimi-k2-w4a16-g32", False, "kimi-k2"),
     "gemma3-text-w4a16-g32": ("gguf/gemma3-text-w4a16-g32", False, "default"),

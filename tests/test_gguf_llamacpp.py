@@ -29,7 +29,7 @@ from safetensors import safe_open
 from llamacpp_oracle import DATA, FIXTURES as ORACLE_FIXTURES, compare_metadata, compare_tensors, fixture_source, read_ours, sha_f32, values_f32
 
 NOT_YET = pytest.mark.xfail(strict=True, reason="architecture class not yet added")
-KNOWN = {"gguf-llama-w4a16": (), "gguf-llama-hftok-w4a16": (), "phi3-w4a16": (), "mistral3-w4a16": (), "gemma3-text-w4a16-g32": (), "gemma3-vl-w4a16-g32": (), "glm4moe-mixed-w8a16-w4a16": (), "llama4-w4a16": (), "llama4-text-interleaved-w4a16": (), "gguf-qwen2-w4a16": (), "gguf-qwen3-w4a16": (), "qwen3moe-w4a16": ()}
+KNOWN = {"gguf-llama-w4a16": (), "gguf-llama-hftok-w4a16": (), "phi3-w4a16": (), "mistral3-w4a16": (), "gemma3-text-w4a16-g32": (), "gemma3-vl-w4a16-g32": (), "glm4moe-mixed-w8a16-w4a16": (), "deepseek-v3-w4a16": (), "deepseek-v2-lite-w4a16-g32": (), "kimi-k2-w4a16-g32": (), "llama4-w4a16": (), "llama4-text-interleaved-w4a16": (), "gguf-qwen2-w4a16": (), "gguf-qwen3-w4a16": (), "qwen3moe-w4a16": ()}
 CASES = [pytest.param(name, marks=KNOWN.get(name, NOT_YET)) for name in ORACLE_FIXTURES]
 
 

@@ -43,8 +43,10 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
         return _compare_dequantized(name, source, out_reader, atol)
 
     per_weight = out_reader.working_bytes_per_weight
+    omits = getattr(out_reader, "omits", None)  # targets that leave modules out by design say which
+    modules = [m for m in reader.modules if omits is None or not omits(m)]
     results = []
-    for result in ordered_map(module, reader.modules, workers, cost=lambda m: per_weight * math.prod(reader.modules[m].shape)):
+    for result in ordered_map(module, modules, workers, cost=lambda m: per_weight * math.prod(reader.modules[m].shape)):
         results.append(result)
         progress(reader.source_bytes(result.module))
     for t in reader.passthrough():

@@ -19,7 +19,7 @@ import torch
 from ct_convert.errors import InputError, UnsupportedConversion
 
 # per-expert HF modules; llama.cpp only knows the stacked 3-D tensor of each (layer, projection)
-_EXPERT = re.compile(r"^(?P<prefix>.+\.(?:mlp|feed_forward)\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 # tensors no llama.cpp graph reads: recomputed by the engine
 _DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -32,14 +32,44 @@ class Part:
     Several sources naming one GGUF tensor with an `expert` index are stacked into it (a merge);
     one source yielding several parts is cut into them (a split); `select` picks and orders the
     source rows a part holds, given the source's row count (the whole source, in order, when None).
+    `heads` views the picked rows [heads · r, K] as a 3-D [heads, r, K] (the same bytes, row by row);
+    `transpose` then swaps each head's two axes to [heads, K, r] (MLA's attn_k_b), which moves
+    values across rows: such a part is written from float values, never from a source's blocks.
     """
 
     name: str
     expert: int | None = None
     select: Callable[[int], torch.Tensor] | None = None
+    heads: int | None = None
+    transpose: bool = False
 
     def rows(self, n_rows: int) -> torch.Tensor | None:
         return None if self.select is None else self.select(n_rows)
+
+    def shape(self, source: tuple[int, ...]) -> tuple[int, ...]:
+        """The part's numpy shape, from its source's (rows are the next-to-last axis, the only one of a 1-D)."""
+        if self.select is not None:
+            n = len(self.select(source[-2] if len(source) > 1 else source[0]))
+            source = (*source[:-2], n, source[-1]) if len(source) > 1 else (n,)
+        if self.heads is not None:
+            source = (*source[:-2], self.heads, source[-2] // self.heads, source[-1])
+        return (*source[:-2], source[-1], source[-2]) if self.transpose else source
+
+    def arrange(self, t: torch.Tensor) -> torch.Tensor:
+        """The part's values from its source's."""
+        rows = self.rows(t.shape[-2] if t.dim() > 1 else t.shape[0])
+        if rows is not None:
+            t = t.index_select(-2 if t.dim() > 1 else 0, rows)
+        if self.heads is not None:
+            t = t.reshape(*t.shape[:-2], self.heads, -1, t.shape[-1])
+        return t.transpose(-1, -2) if self.transpose else t
+
+    def flatten(self, v: torch.Tensor) -> torch.Tensor:
+        """`arrange` undone up to the row selection: a part's values as its picked source rows [r, K]
+        (for one expert's, or a 2-D part's, values; rows of blocks alike when neither heads nor transpose)."""
+        if self.transpose:
+            v = v.transpose(-1, -2)
+        return v.reshape(-1, v.shape[-1]) if self.heads is not None else v
 
 
 def expert_of(hf_name: str) -> tuple[str, int] | None:
@@ -69,14 +99,6 @@ def _need(config: dict, key: str):
     return config[key]
 
 
-def text_config(config: dict) -> dict:
-    """config.json as llama.cpp's converter reads it: a multimodal model's text_config over the top level."""
-    text = config.get("text_config")
-    if text is not None and not isinstance(text, dict):
-        raise InputError("config.json: text_config is not a JSON object")
-    return {**config, **(text or {})}
-
-
 def rope_params(config: dict) -> tuple[float, dict]:
     params = config.get("rope_scaling") or config.get("rope_parameters") or {}
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
@@ -102,22 +124,18 @@ class ModelBase:
         "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "output",
     })  # fmt: skip
     rope_pairs_rows = False  # llama.cpp's rope rotates adjacent row pairs of HF's q/k (an even head_dim)
-    # llama.cpp's converter writes `{arch}.vocab_size` for this class (the GGUF writer adds it anyway
-    # when the file has no vocabulary: llama.cpp's loader then sizes the token table from it)
-    vocab_size_key = False
     moe = False  # every layer is a mixture of experts: its config's expert count is checked even without expert tensors
+    mla = False  # multi-head latent attention (q_a/q_b, kv_a/kv_b): hparams checks its sizes instead of q/k/v_proj's
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
     trtllm_legacy: dict | None = None
-    # name prefixes of parts llama.cpp keeps in another file: a vision tower and projector, written
-    # as the mmproj file by their class in architectures/vision.py (or listed as not written, and said so)
+    # name prefixes of parts llama.cpp keeps in another file (a vision tower for mmproj) that is not
+    # written yet: their tensors are dropped, listed in the manifest, and a note says so
     towers: tuple[str, ...] = ()
-    mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (block_count has them)
-    # (config.json key, tensors whose rows it gives): checked by targets/gguf/hparams.py
-    ffn_rows: tuple[tuple[str, str], ...] = (
-        ("intermediate_size", r"model\.layers\.0\.mlp\.up_proj\.weight"),
-        ("moe_intermediate_size", r"model\.layers\.\d+\.mlp\.experts\.0\.up_proj\.weight"),  # after dense first layers too
-    )
+    # llama.cpp's converter writes `{arch}.vocab_size` for this class (the GGUF writer adds it anyway
+    # when the file has no vocabulary: llama.cpp's loader then sizes the token table from it)
+    writes_vocab_size = False
+    mtp_key: str | None = None  # config key counting multi-token-prediction layers after the trunk's (the class keeps or drops them)
 
     def __init__(self, n_layers: int, n_head: int, n_head_kv: int, config: dict | None = None):
         self.n_layers = n_layers
@@ -128,16 +146,11 @@ class ModelBase:
     @staticmethod
     def text_config(config: dict) -> dict:
         """The config llama.cpp's converter reads (TextModel): text_config merged over the top level."""
-        return text_config(config)
-
-    @classmethod
-    def expert_layers(cls, config: dict, n_layers: int) -> set[int] | None:
-        """The layers llama.cpp's graph builds with experts, where it decides that from the config."""
-        return None
+        return {**config, **(config.get("text_config") or {})}
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":
-        config = text_config(config)
+        config = cls.text_config(config)
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "rms_norm_eps"):
             _need(config, key)
         n_head = int(config["num_attention_heads"])
@@ -175,7 +188,7 @@ class ModelBase:
     def add_hparams(self, w: gguf.GGUFWriter, n_vocab: int) -> None:
         config = self.config
         hidden = int(config["hidden_size"])
-        if self.vocab_size_key:
+        if self.writes_vocab_size:
             w.add_vocab_size(n_vocab)
         w.add_context_length(int(config["max_position_embeddings"]))
         w.add_embedding_length(hidden)
@@ -221,7 +234,7 @@ class ModelBase:
 
     # -- tensors -------------------------------------------------------------------------------
     def is_dropped(self, hf_name: str) -> bool:
-        """A source tensor no llama.cpp graph reads, or one of a tower written elsewhere."""
+        """A source tensor (or module weight) no llama.cpp graph reads, or one of a tower written elsewhere."""
         return bool(_DROPPED.search(hf_name)) or self.in_tower(hf_name)
 
     def in_tower(self, hf_name: str) -> bool:

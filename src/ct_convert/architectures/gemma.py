@@ -61,6 +61,8 @@ class Gemma3Model(ModelBase):
     def check_config(self) -> None:
         config = self.config
         _need(config, "head_dim")
+        if config.get("use_bidirectional_attention"):
+            raise UnsupportedConversion("config.json: use_bidirectional_attention is set, but llama.cpp's gemma3 graph is causal")
         if config.get("attn_logit_softcapping") is not None:
             raise UnsupportedConversion("config.json: attn_logit_softcapping is set, but llama.cpp's gemma3 graph has no attention soft-capping")
         full, sliding = rope_views(config)
@@ -147,12 +149,7 @@ class Gemma3Model(ModelBase):
         tokenizer.json's vocab plus added tokens; neither file: no cut."""
         root = Path(root)
         if (root / "tokenizer.model").is_file():
-            size = self.config.get("vocab_size")
-            if not size:
-                import sentencepiece
-
-                size = sentencepiece.SentencePieceProcessor(model_file=str(root / "tokenizer.model")).vocab_size()
-            self.n_vocab_real = int(size)
+            self.n_vocab_real = int(self.config.get("vocab_size") or 0) or _spm_pieces(root / "tokenizer.model")
         elif (root / "tokenizer.json").is_file():
             tok = load_json(root / "tokenizer.json")
             vocab = (tok.get("model") or {}).get("vocab") if isinstance(tok, dict) else None
@@ -168,6 +165,17 @@ class Gemma3Model(ModelBase):
 
     def stored_value(self, hf_name: str, value: torch.Tensor) -> torch.Tensor:
         return norm_plus_one(value) if hf_name.endswith("norm.weight") else value
+
+
+def _spm_pieces(path: Path) -> int | None:
+    """The piece count of a SentencePiece model; None where it cannot be read (the vocabulary's
+    conversion then refuses it with a clear error)."""
+    try:
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size()
+    except Exception:  # ImportError, or sentencepiece's own error types for a corrupt model
+        return None
 
 
 def _first_rows(n_rows: int, n_keep: int) -> torch.Tensor:

@@ -12,13 +12,14 @@ import gguf
 
 from ct_convert.architectures import register
 from ct_convert.architectures.base import ModelBase, _need, rope_params
-from ct_convert.errors import InputError
+from ct_convert.errors import InputError, UnsupportedConversion
 
 
 @register("Glm4MoeForCausalLM")
 class Glm4MoeModel(ModelBase):
     gguf_arch = gguf.MODEL_ARCH.GLM4_MOE
     mtp_key = "num_nextn_predict_layers"
+    rope_types = frozenset({"default", "linear"})  # YaRN would need keys ModelBase does not write yet
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":
@@ -28,10 +29,14 @@ class Glm4MoeModel(ModelBase):
 
     def check_config(self) -> None:
         super().check_config()
-        for key in ("moe_intermediate_size", "num_experts_per_tok"):
+        # what transformers would default and llama.cpp's loader defaults differently (no dense layer,
+        # no renormalization, no scale) is required rather than guessed
+        for key in ("moe_intermediate_size", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob", "routed_scaling_factor"):
             _need(self.config, key)
         if not self.config.get("n_routed_experts"):
             raise InputError("config.json: missing 'n_routed_experts', needed for the GGUF metadata")
+        if not self.config.get("n_shared_experts"):
+            raise UnsupportedConversion("config.json: n_shared_experts is missing or 0, but llama.cpp's glm4moe graph always adds a shared expert")
 
     def add_arch_hparams(self, w: gguf.GGUFWriter) -> None:
         config = self.config

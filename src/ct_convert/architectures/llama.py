@@ -18,7 +18,7 @@ class LlamaModel(ModelBase):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     rope_types = ModelBase.rope_types | {"llama3"}
     rope_pairs_rows = True
-    vocab_size_key = True
+    writes_vocab_size = True
     trtllm_legacy = {}
 
     def row_order(self, gguf_name: str):

@@ -22,7 +22,9 @@ class OutputReader(Protocol):
         """The module's integer codes, zero points and scales, or None where the target stores none."""
 
     def tensor(self, name: str) -> torch.Tensor | None:
-        """A tensor carried over from the source, by its source name, or None if absent."""
+        """A tensor carried over from the source, by its source name, or None if absent. A target
+        that stores a carried tensor changed (GGUF: Gemma-3's norms as 1 + w) also has
+        `as_stored(name, source)`, the value `tensor` must then equal."""
 
 
 BAND_BYTES = 64 << 20  # large tensors are copied and compared this many bytes at a time

@@ -60,10 +60,10 @@ def _check_layers(tower: VisionTower, names: list[str]) -> None:
         raise UnsupportedConversion(f"config.json: vision_config.num_hidden_layers is {tower.n_layers}, but the tower's tensors hold {held}")
 
 
-def _shape(source: str, shape: tuple, select) -> tuple:
-    """A source shape with its rows narrowed to a part's `select`, which must fit them."""
+def _shape(source: str, shape: tuple, part) -> tuple:
+    """A part's shape from its source's; its row order must fit the source's rows."""
     try:
-        return text._selected(shape, select)
+        return part.shape(shape)
     except RuntimeError:  # a row order whose heads do not divide the rows
         raise UnsupportedConversion(f"{source}: its {shape[-2] if len(shape) > 1 else shape[0]} rows do not split into the tower's heads") from None
 
@@ -91,29 +91,30 @@ def _entries(plan: Plan, reader: SourceReader, tower: VisionTower, modules, tens
                 ggml, reason = "F32", f"llama.cpp's converter forces {forced} for {p.name}"
             else:
                 ggml, reason = mapping.choose(info, slot(p.name), tower, opts.nvfp4)
-            shape = _shape(m, tuple(info.shape), p.select)
-            add(text.Entry(p.name, "module", [m], ggml, shape, reason=reason, select=p.select, order=text._order_key(reader, m, "module")))
+            shape = _shape(m, tuple(info.shape), p)
+            add(text.Entry(p.name, "module", [m], ggml, shape, reason=reason, part=p, order=text._order_key(reader, m, "module")))
     for t in tensors:
         if tower.is_dropped(t):
             plan.dropped.append(t)
             continue
         for p in parts(t):
-            add(_carried(reader, tower, t, p.name, p.select, _shape(t, tuple(reader.tensor_meta(t).shape), p.select)))
+            add(_carried(reader, tower, t, p, _shape(t, tuple(reader.tensor_meta(t).shape), p)))
     for t in reader.passthrough():
         for p in tower.copies(t):
             n = reader.tensor_meta(t).shape[0]
             if int(p.rows(n).max()) >= n:
                 raise UnsupportedConversion(f"{t}: {p.name} is its row {int(p.rows(n).max())}, beyond its {n} rows")
             # one row of a text tensor, written as the 1-D tensor the converter's `data_torch[id]` is
-            add(_carried(reader, tower, t, p.name, p.select, tuple(reader.tensor_meta(t).shape[-1:])))
+            add(_carried(reader, tower, t, p, tuple(reader.tensor_meta(t).shape[-1:])))
     if not plan.inspecting:
         for e in entries.values():
             _check_narrowing(plan, reader, e)
     return sorted(entries.values(), key=lambda e: e.order)
 
 
-def _carried(reader: SourceReader, tower: VisionTower, source: str, g: str, select, shape: tuple):
+def _carried(reader: SourceReader, tower: VisionTower, source: str, part, shape: tuple):
     """A float tensor in the type llama.cpp's converter gives it (prepare_tensors' rules)."""
+    g = part.name
     meta = reader.tensor_meta(source)
     if meta.torch_dtype not in facts.DENSE_TYPES:
         raise UnsupportedConversion(f"{source}: a {meta.torch_dtype} tensor has no place in a GGUF")
@@ -122,7 +123,7 @@ def _carried(reader: SourceReader, tower: VisionTower, source: str, g: str, sele
         f32 = len(shape) <= 1 or g.endswith("_norm.weight") or not g.endswith(".weight")
         ggml = "F32" if f32 else mapping.dense_type(meta.torch_dtype)
     order = (*text._order_key(reader, source, "tensor"), g)  # a copied row sorts beside its source
-    return text.Entry(g, "tensor", [source], ggml, shape, select=select, value=tower.stored_value, order=order)
+    return text.Entry(g, "tensor", [source], ggml, shape, part=part, value=tower.stored_value, order=order)
 
 
 def _check_narrowing(plan: Plan, reader: SourceReader, e) -> None:

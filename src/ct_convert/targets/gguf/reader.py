@@ -2,11 +2,16 @@
 
 HF module -> GGUF tensor(s) as the architecture class says (architectures/: gguf-py's name map,
 per-expert modules as slices of the stacked `*_exps` tensor, row orders such as llama's Q/K rope
-order and splits undone by putting every stored row back where it came from); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies it, rounded to bf16
-(where it equals the source, gguf.md §0.1). The vision tower's mmproj file is read by its class
-(architectures/vision.py): an F16 the converter forces read as float32 (compared with the source
-exactly, never narrowed to F16), with the value llama.cpp stores (`as_stored`), and rows it copies
-from a text tensor (Pixtral's `[IMG_BREAK]` embedding) checked against that tensor.
+order and splits undone by putting every stored row back where it came from, per-head 3-D parts
+(MLA's attn_k_b, transposed, and attn_v_b) flattened back into rows first; a carried tensor whose
+value llama.cpp changes, such as Gemma-3's 1 + w norms, is compared with that change applied to the
+source, `as_stored`); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies
+it, rounded to bf16 (where it equals the source, gguf.md §0.1). A module split into parts of
+different types (a quantized attn_v_b beside its dense attn_k_b fallback) reads back at the
+precision of the coarser float type, as the fallback promises. The vision tower's mmproj file is
+read by its class (architectures/vision.py): an F16 the converter forces read as float32 (compared
+with the source exactly, never narrowed to F16), and rows it copies from a text tensor (Pixtral's
+`[IMG_BREAK]` embedding) checked against that tensor.
 """
 
 from __future__ import annotations
@@ -82,6 +87,11 @@ class GGUFOutput:
         f = reader.fields.get(key)
         return f.contents() if f is not None else None
 
+    def omits(self, module: str) -> bool:
+        """A source module the GGUF leaves out by design (a multi-token-prediction layer, a vision tower
+        whose mmproj file was not written)."""
+        return not self._in_tower(module) and self.model.is_dropped(f"{module}.weight")
+
     def _locate(self, hf_name: str) -> list[tuple[object, Part]] | None:
         """The stored tensor of every part of an HF tensor, or None if any is absent."""
         parts = (self.tower if self._in_tower(hf_name) else self.model).modify_tensors(hf_name)
@@ -96,6 +106,8 @@ class GGUFOutput:
         if located is None or len(located) > 1:  # a split: compared dequantized
             return None
         ((t, part),) = located
+        if part.heads is not None:  # a per-head 3-D view: compared dequantized
+            return None
         expert = part.expert
         qtype = gguf.GGMLQuantizationType(t.tensor_type).name
         if qtype not in _ZERO_CODE:
@@ -202,14 +214,18 @@ def _element_shape(t, expert: int | None) -> tuple[int, ...]:
 
 
 def _restore_rows(pieces: list[tuple[Part, torch.Tensor]]) -> torch.Tensor:
-    """The source tensor from its stored parts (rows of values, or of whole blocks alike): each part
-    holds the source rows its `select` names, in that order; the source has all their rows."""
+    """The source tensor from its stored parts (rows of values, or of whole blocks alike): each part,
+    flattened back to rows, holds the source rows its `select` names, in that order; the source has
+    all their rows. Parts in different types meet in the narrowest: quantized blocks read back as
+    float32, a dense part's type is what its values were rounded to."""
+    pieces = [(part, part.flatten(v)) for part, v in pieces]
     if len(pieces) == 1 and pieces[0][0].select is None:
         return pieces[0][1]
     n = sum(v.shape[0] for _, v in pieces)
     dtypes = {v.dtype for _, v in pieces}
-    out = torch.empty((n, *pieces[0][1].shape[1:]), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    dtype = dtypes.pop() if len(dtypes) == 1 else min(dtypes - {torch.float32}, key=lambda d: d.itemsize, default=torch.float32)
+    out = torch.empty((n, *pieces[0][1].shape[1:]), dtype=dtype)
     for part, v in pieces:
         rows = part.rows(n)
-        out[torch.arange(n) if rows is None else rows] = v
+        out[torch.arange(n) if rows is None else rows] = v.to(dtype)
     return out

@@ -14,14 +14,14 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import gguf
 import numpy as np
 import torch
 
 from ct_convert import architectures
-from ct_convert.architectures.base import ModelBase, slot
+from ct_convert.architectures.base import ModelBase, Part, slot
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
@@ -44,7 +44,7 @@ class Entry:
     ggml: str
     shape: tuple[int, ...]  # numpy order: (N, K) or (E, N, K)
     reason: str | None = None  # why a quantized module is written dense
-    select: Callable[[int], torch.Tensor] | None = None  # the source rows it holds, given the source's row count
+    part: Part | None = None  # how each source becomes (its slice of) this tensor: rows, heads, transpose
     value: Callable[[str, torch.Tensor], torch.Tensor] | None = None  # a carried tensor's stored value (ModelBase.stored_value)
     constant: torch.Tensor | None = None
     order: tuple = ()
@@ -71,6 +71,7 @@ class GGUFWriter(TargetWriter):
                     e.pending = _pending(reader, e)
         else:
             voc = vocab.load(reader.root, reader.config, n_vocab, copied, opts.strict, model.name)
+            _refuse_unloadable_vocab(reader, voc, n_vocab)
             entries = _scan_scales(reader, model, entries)
             mm_entries = _scan_scales(reader, tower, mm_entries)
             if opts.strict:
@@ -144,7 +145,7 @@ def _metadata(reader: SourceReader, model: ModelBase, entries: list[Entry], voc:
     w = gguf.GGUFWriter(None, model.name)
     w.add_name(reader.root.name)
     model.add_hparams(w, n_vocab)
-    if voc.kind == "none" and not model.vocab_size_key:
+    if voc.kind == "none" and not model.writes_vocab_size:
         w.add_vocab_size(n_vocab)
     file_type = _file_type(entries)
     if file_type is not None:
@@ -162,7 +163,7 @@ def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[Mode
     refuse_online_transforms(reader, "The weights alone are not the model; llama.cpp cannot apply the transform.")
     entries = []
     grouped: dict[str, list[tuple[int, str, str]]] = {}  # gguf name -> [(expert, kind, source)]
-    selects = {}  # gguf name -> its row selection
+    layouts: dict[str, Part] = {}  # gguf name -> how its sources are cut and arranged
 
     def place(hf_weight: str, kind: str, source: str) -> None:
         parts = model.modify_tensors(hf_weight)
@@ -173,11 +174,14 @@ def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[Mode
             )
         for p in parts:
             grouped.setdefault(p.name, []).append((-1 if p.expert is None else p.expert, kind, source))
-            selects[p.name] = p.select
+            layouts[p.name] = p
 
     for name in reader.modules:
         if vision.in_tower(model, tower_cls, name):
             tower_modules.append(name)
+            continue
+        if model.is_dropped(f"{name}.weight"):
+            plan.dropped.append(name)
             continue
         place(f"{name}.weight", "module", name)
     for t in reader.passthrough():
@@ -191,7 +195,7 @@ def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[Mode
             place(t, "tensor", t)
     n_experts = model.expert_count()
     for g, items in grouped.items():
-        entries.append(_entry(reader, model, g, sorted(items), selects[g], n_experts, opts))
+        entries.append(_entry(reader, model, g, sorted(items), layouts[g], n_experts, opts))
     for name, value in model.extra_tensors():
         entries.append(Entry(name, "constant", [], "F32", tuple(value.shape), constant=value))
     entries.sort(key=lambda e: e.order)
@@ -213,7 +217,7 @@ def _model(reader: SourceReader) -> ModelBase:
     return model
 
 
-def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_experts, opts: RepackOptions) -> Entry:
+def _entry(reader: SourceReader, model: ModelBase, g: str, items, part: Part, n_experts, opts: RepackOptions) -> Entry:
     experts = [e for e, _, _ in items]
     kinds = {k for _, k, _ in items}
     sources = [s for _, _, s in items]
@@ -235,30 +239,24 @@ def _entry(reader: SourceReader, model: ModelBase, g: str, items, select, n_expe
             raise UnsupportedConversion(f"{sources[0]}: a {dtype} tensor has no place in a GGUF")
         one_d = len(meta.shape) <= 1
         ggml = "F32" if one_d or not g.endswith(".weight") or "_norm" in s or s in model.f32_slots else mapping.dense_type(dtype)
-        shape = _selected(tuple(meta.shape), select)
+        shape = part.shape(tuple(meta.shape))
         shape = shape if len(sources) == 1 else (len(sources), *shape)
-        return Entry(g, kind, sources, ggml, shape, select=select, value=model.stored_value, order=order)
+        return Entry(g, kind, sources, ggml, shape, part=part, value=model.stored_value, order=order)
     infos = [reader.modules[s] for s in sources]
     choices = {mapping.choose(i, s, model, opts.nvfp4) for i in infos}
     ggml, reason = choices.pop() if len(choices) == 1 else (None, "the experts of this layer map to different types")
+    if part.transpose and reason is None:
+        reason = "stored transposed per head (llama.cpp's layout), which the quantization groups do not follow"
     if reason is not None:
         ggml = "F32" if s in model.f32_slots else mapping.dense_type(infos[0].dtype)
-    shape = _selected(tuple(infos[0].shape), select)
+    shape = part.shape(tuple(infos[0].shape))
     shape = shape if len(infos) == 1 else (len(infos), *shape)
-    return Entry(g, "module", sources, ggml, shape, reason=reason, select=select, order=order)
+    return Entry(g, "module", sources, ggml, shape, reason=reason, part=part, order=order)
 
 
 def _rows(shape: tuple[int, ...]) -> int:
     """The row count of a source tensor (its only dimension for 1-D ones)."""
     return shape[-2] if len(shape) > 1 else shape[0]
-
-
-def _selected(shape: tuple[int, ...], select) -> tuple[int, ...]:
-    """A source shape with its rows narrowed to `select` (a split part)."""
-    if select is None:
-        return shape
-    n = len(select(_rows(shape)))
-    return (*shape[:-2], n, shape[-1]) if len(shape) > 1 else (n,)
 
 
 def _order_key(reader: SourceReader, source: str, kind: str) -> tuple:
@@ -307,12 +305,19 @@ def _modules(plan: Plan, entries: list[Entry]) -> None:
             entry = {"tensor": e.name, "type": e.ggml}
             if len(e.parts) > 1:
                 entry["expert"] = i
-            if s in plan.modules:  # a split: one module in several tensors
-                seen = plan.modules[s].manifest
-                entry["tensor"] = [*([seen["tensor"]] if isinstance(seen["tensor"], str) else seen["tensor"]), e.name]
-            plan.modules[s] = ModulePlan(FALLBACK if e.reason else CONVERTED, e.reason, e.pending, entry)
+            reason, pending = e.reason, e.pending
+            if s in plan.modules:  # a split: one module in several tensors, a fallback if any of them is
+                seen = plan.modules[s]
+                entry["tensor"] = [*_listed(seen.manifest["tensor"]), e.name]
+                entry["type"] = [*_listed(seen.manifest["type"]), e.ggml]
+                reason, pending = seen.reason or reason, seen.at_repack or pending
+            plan.modules[s] = ModulePlan(FALLBACK if reason else CONVERTED, reason, pending, entry)
             if e.reason:
                 plan.fallbacks.append({"module": s, "tensor": e.name, "written_as": e.ggml, "reason": e.reason})
+
+
+def _listed(x) -> list:
+    return [x] if isinstance(x, str) else x
 
 
 def _units(reader: SourceReader, entries: list[Entry]) -> list[Unit]:
@@ -344,6 +349,17 @@ def _refuse_fallbacks(entries: list[Entry], where: str) -> None:
         raise UnsupportedConversion(
             f"{e.parts[0]}: no exact GGUF block type{where}: {e.reason}; --strict refuses the {e.ggml} fallback{more}",
             hint="Drop --strict to write such tensors unquantized (listed in the manifest).",
+        )
+
+
+def _refuse_unloadable_vocab(reader: SourceReader, voc: vocab.Vocab, n_vocab: int) -> None:
+    """llama.cpp sizes token_embd by the token count and refuses a file where they differ."""
+    tokens = next((value for key, value, *_ in voc.pairs if key == vocab.T.LIST), None)
+    if tokens is not None and len(tokens) != n_vocab:
+        raise UnsupportedConversion(
+            f"{reader.root}: the tokenizer has {len(tokens)} tokens but the token embedding keeps {n_vocab} rows; "
+            "llama.cpp loads a GGUF only with one token per row",
+            hint="Pass --vocab-from FILE.gguf with a vocabulary of that size.",
         )
 
 
@@ -407,17 +423,24 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
         cost = reader.tensor_meta(part).nbytes
     else:
         qw = reader.read(part)
-        picked = [mapping.encode(qw, e.ggml, e.select(_rows(qw.shape)) if e.select else None) for e in unit.detail]
+        picked = [_encoded(qw, e) for e in unit.detail]
         cost = reader.source_bytes(part)
     return [(chunk, cost if i == 0 else 0) for i, chunk in enumerate(picked)]
 
 
 def _carried(source: str, t: torch.Tensor, e: Entry) -> torch.Tensor:
-    rows = e.select(_rows(tuple(t.shape))) if e.select else None
-    t = t if rows is None else t.index_select(-2 if t.dim() > 1 else 0, rows)
+    t = e.part.arrange(t)
     if e.value is not None:
         t = e.value(source, t)
     return t.to(facts.TORCH_OF[e.ggml])
+
+
+def _encoded(qw, e: Entry) -> torch.Tensor:
+    """A module's part as bytes: blocks of its picked rows (a 3-D view of them is the same bytes), or
+    the float values of a dense fallback arranged as the part says (the only way to transpose)."""
+    if e.ggml in facts.QUANTIZED:
+        return mapping.encode(qw, e.ggml, e.part.rows(_rows(qw.shape)))
+    return e.part.arrange(qw.dequantize(facts.TORCH_OF[e.ggml])).contiguous().view(torch.uint8)
 
 
 Writer = GGUFWriter
