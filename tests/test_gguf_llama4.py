@@ -4,6 +4,7 @@ decompression (reference.safetensors), verification on a correct and a corrupted
 configs llama.cpp's llama4 graph would compute differently, refused."""
 
 import json
+import math
 import shutil
 
 import gguf
@@ -137,4 +138,32 @@ def test_what_llama_cpp_computes_differently_is_refused(cli, tmp_path, case):
     r = cli("repack", src, tmp_path / "out", "--target", "gguf")
     assert r.code == 2, r.err
     assert words in r.err and "config.json" in r.err and len(r.err.strip().splitlines()) <= 2, r.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fixture", ["llama4-w4a16", "mistral3-w4a16"])
+def test_a_vl_checkpoints_text_config_is_checked_against_its_tensors(cli, tmp_path, fixture):
+    """The numbers of a multimodal checkpoint's text model live in text_config, its tensors under
+    `language_model.`: both are what hparams checks (the vision tower's layers do not count)."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "gguf" / fixture, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 3
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli("repack", src, tmp_path / "out", "--target", "gguf")
+    assert r.code == 2 and "num_hidden_layers is 3, but the checkpoint's tensors hold layers 0..1" in r.err, r.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama3_rope_with_a_wavelength_on_equal_bounds_is_refused(cli, tmp_path):
+    """Equal low/high_freq_factor (Scout's) are fine, but a wavelength exactly on them has no llama3
+    factor (0/0; llama.cpp's converter divides by zero): refused, never a NaN in rope_freqs."""
+    src = tmp_path / "src"
+    shutil.copytree(VL, src)
+    cfg = json.loads((src / "config.json").read_text())
+    low = 64 / (2 * math.pi)  # the first rope frequency is 1: its wavelength 2*pi is original_max_position_embeddings / low
+    cfg["text_config"]["rope_parameters"].update(low_freq_factor=low, high_freq_factor=low, original_max_position_embeddings=64)
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli("repack", src, tmp_path / "out", "--target", "gguf")
+    assert r.code == 2 and "non-finite" in r.err, r.err
     assert not (tmp_path / "out").exists()

@@ -33,6 +33,6 @@ def for_gguf(name: str) -> type[ModelBase] | None:
     return next((c for c in ARCHITECTURES.values() if c.gguf_arch_name() == name), None)
 
 
-from ct_convert.architectures import deepseek, gemma, glm, llama, phi, qwen  # noqa: E402,F401  (registration)
+from ct_convert.architectures import deepseek, gemma, glm, llama, llama4, phi, qwen  # noqa: E402,F401  (registration)
 
 __all__ = ["ARCHITECTURES", "ModelBase", "Part", "for_gguf", "hf_architecture", "lookup", "register"]

@@ -19,7 +19,7 @@ import torch
 from ct_convert.errors import InputError, UnsupportedConversion
 
 # per-expert HF modules; llama.cpp only knows the stacked 3-D tensor of each (layer, projection)
-_EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(?P<prefix>.+\.(?:mlp|feed_forward)\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 # tensors no llama.cpp graph reads: recomputed by the engine
 _DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -129,9 +129,14 @@ class ModelBase:
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
     trtllm_legacy: dict | None = None
-    # name prefixes of parts llama.cpp keeps in another file (a vision tower for mmproj) that is not
-    # written yet: their tensors are dropped, listed in the manifest, and a note says so
+    # name prefixes of parts llama.cpp keeps in another file: a vision tower and projector, written
+    # as the mmproj file by their class in architectures/vision.py (or listed as not written, and said so)
     towers: tuple[str, ...] = ()
+    # (config.json key, regex of the tensors whose rows it gives, in every layer): targets/gguf/hparams.py
+    ffn_rows: tuple[tuple[str, str], ...] = (
+        ("intermediate_size", r"model\.layers\.\d+\.mlp\.(?:gate|up)_proj\.weight"),
+        ("moe_intermediate_size", r"model\.layers\.\d+\.mlp\.experts\.\d+\.(?:gate|up)_proj\.weight"),
+    )
     # llama.cpp's converter writes `{arch}.vocab_size` for this class (the GGUF writer adds it anyway
     # when the file has no vocabulary: llama.cpp's loader then sizes the token table from it)
     writes_vocab_size = False
@@ -146,7 +151,15 @@ class ModelBase:
     @staticmethod
     def text_config(config: dict) -> dict:
         """The config llama.cpp's converter reads (TextModel): text_config merged over the top level."""
-        return {**config, **(config.get("text_config") or {})}
+        text = config.get("text_config")
+        if text is not None and not isinstance(text, dict):
+            raise InputError("config.json: text_config is not a JSON object")
+        return {**config, **(text or {})}
+
+    @classmethod
+    def expert_layers(cls, config: dict, n_layers: int) -> set[int] | None:
+        """The layers llama.cpp's graph builds with experts, where it decides that from the config."""
+        return None
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":

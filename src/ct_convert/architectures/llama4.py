@@ -19,7 +19,7 @@ from __future__ import annotations
 import gguf
 
 from ct_convert.architectures import register
-from ct_convert.architectures.base import ModelBase, _need, text_config
+from ct_convert.architectures.base import ModelBase, _need
 from ct_convert.architectures.llama import LlamaModel
 from ct_convert.errors import InputError, UnsupportedConversion
 
@@ -42,7 +42,7 @@ class Llama4Model(LlamaModel):
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelBase":
-        text = {k: v for k, v in text_config(config).items() if k != "text_config"}
+        text = {k: v for k, v in cls.text_config(config).items() if k != "text_config"}
         _need(text, "intermediate_size")
         _need(text, "intermediate_size_mlp")
         # renamed as llama.cpp's converter renames them: feed_forward_length is the dense layers' width
@@ -124,9 +124,6 @@ class Llama4Model(LlamaModel):
 
     def row_order(self, gguf_name: str):
         return None  # HF's Llama-4 rope already rotates adjacent pairs, as llama.cpp's does
-
-    def modify_tensors(self, hf_name: str):
-        return super().modify_tensors(hf_name.removeprefix("language_model."))
 
 
 def _layer_list(config: dict, key: str, n: int, kind: type, default: list, empty_is_default: bool = False) -> list:

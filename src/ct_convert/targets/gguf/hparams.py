@@ -25,8 +25,9 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
     c = _Fields(config, str(reader.config_file or "config.json"))
     shapes = {f"{m}.weight": tuple(info.shape) for m, info in reader.modules.items()}
     shapes.update((t, tuple(reader.tensor_meta(t).shape)) for t in reader.passthrough())
-    largest = max((d for s in shapes.values() for d in s), default=0)
+    # the text model's tensors, named as llama.cpp's converter maps them (no `language_model.`)
     shapes = {model.converter_name(name): shape for name, shape in shapes.items() if not name.startswith(model.towers)}
+    largest = max((d for s in shapes.values() for d in s), default=0)
 
     layers = {int(m[1]) for name in shapes if (m := _LAYER.search(name))}
     n_layers = c.count("num_hidden_layers")
@@ -52,7 +53,10 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
     embed = shapes.get("model.embed_tokens.weight")
     if hidden and embed and embed[-1] != hidden:
         c.refuse("hidden_size", hidden, f"but model.embed_tokens.weight has {embed[-1]} columns")
-    c.rows("intermediate_size", c.count("intermediate_size"), "model.layers.0.mlp.up_proj.weight", shapes)
+    for key, pattern in model.ffn_rows:
+        want = c.count(key)
+        for name in [n for n in shapes if re.fullmatch(pattern, n)] if want is not None else ():
+            c.rows(key, want, name, shapes)
 
     experts = {found[1] for name in shapes if (found := expert_of(name))}
     for key in EXPERT_KEYS:
@@ -65,16 +69,17 @@ def check(reader: SourceReader, model: type[ModelBase]) -> None:
         used = c.count("num_experts_per_tok")
         if used is not None and used > n_experts:
             c.refuse("num_experts_per_tok", used, f"more than the {n_experts} experts")
-        first = min((n for n in layers if f"model.layers.{n}.mlp.experts.0.up_proj.weight" in shapes), default=0)  # after dense layers
-        c.rows("moe_intermediate_size", c.count("moe_intermediate_size"),
-               f"model.layers.{first}.mlp.experts.0.up_proj.weight", shapes)
-    c.count("decoder_sparse_step")
+    for key in ("decoder_sparse_step", "interleave_moe_layer_step", "no_rope_layer_interval", "intermediate_size_mlp"):
+        c.count(key)
+    expected = model.expert_layers(config, n_layers) if n_layers is not None else None
+    held = {int(m[1]) for name in shapes if expert_of(name) and (m := _LAYER.search(name))}
+    if expected is not None and held != expected:
+        c.refuse("interleave_moe_layer_step", config.get("interleave_moe_layer_step", 1),
+                 f"so llama.cpp expects experts in layers {_listed(expected)}, but the checkpoint's tensors hold them in layers {_listed(held)}")
     dense = c.count("first_k_dense_replace", allow_zero=True)
-    if dense is not None and experts:
+    if dense is not None and experts and held != {n for n in layers if n >= dense}:
         # llama.cpp's graph takes layers below it as dense, the others as MoE: the checkpoint must agree
-        moe_layers = {int(m[1]) for name in shapes if expert_of(name) and (m := _LAYER.search(name))}
-        if moe_layers != {n for n in layers if n >= dense}:
-            c.refuse("first_k_dense_replace", dense, f"but the checkpoint's experts are in {_numbered('layers', moe_layers)}")
+        c.refuse("first_k_dense_replace", dense, f"but the checkpoint's experts are in {_numbered('layers', held)}")
     for key in ("n_shared_experts", "sliding_window"):
         c.count(key, allow_zero=True)
     for key in ("n_group", "topk_group", "sliding_window_pattern", "_sliding_window_pattern"):
@@ -104,13 +109,14 @@ def _mla(c: "_Fields", heads: int | None, largest: int, shapes: dict[str, tuple[
     c.cols("num_attention_heads x v_head_dim", heads * v if v else None, f"{attn}o_proj.weight", shapes)
 
 
-def _layer_of(name: str) -> int:
-    return int(m[1]) if (m := _LAYER.search(name)) else -1
-
-
 def _exactly(found: set[int], n: int) -> bool:
     """`found` is 0..n-1 (compared without building a range as large as a claim)."""
     return len(found) == n and (n == 0 or (min(found) == 0 and max(found) == n - 1))
+
+
+def _listed(layers: set[int]) -> str:
+    shown = sorted(layers)
+    return "[" + ", ".join(map(str, shown[:8])) + (", …" if len(shown) > 8 else "") + "]"
 
 
 def _numbered(what: str, found: set[int]) -> str:
@@ -142,8 +148,9 @@ def _rope(c: "_Fields", config: dict) -> None:
     p.positive("partial_rotary_factor")
     p.count("original_max_position_embeddings")
     low, high = p.positive("low_freq_factor"), p.positive("high_freq_factor")
-    if (params.get("rope_type") or params.get("type")) == "llama3" and (high or 4.0) <= (low or 1.0):
-        p.refuse("high_freq_factor", high or 4.0, f"not above low_freq_factor {low or 1.0}")
+    # equal factors (Llama-4 Scout) leave llama3's smooth band empty: factors are 1 or `factor`
+    if (params.get("rope_type") or params.get("type")) == "llama3" and (high or 4.0) < (low or 1.0):
+        p.refuse("high_freq_factor", high or 4.0, f"below low_freq_factor {low or 1.0}")
 
 
 class _Fields:
