@@ -87,7 +87,9 @@ class VisionTower:
         for key in ("image_mean", "image_std"):
             values = tower.preprocessor.get(key)
             if not isinstance(values, list) or not values or not all(_finite(x) for x in values):
-                raise UnsupportedConversion(f"preprocessor_config.json: {key} is {values!r}, not a list of numbers (llama.cpp normalizes images with it)")
+                raise UnsupportedConversion(
+                    f"preprocessor_config.json: {key} is {values!r}, not a list of numbers (llama.cpp normalizes images with it)"
+                )
         tower.check(root)
         return tower
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from ct_convert import architectures
+from ct_convert.architectures import vision
 from ct_convert.architectures.base import ModelBase, Part, slot
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
-from ct_convert.architectures import vision
 from ct_convert.targets.gguf import facts, hparams, mapping, mmproj, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
 
