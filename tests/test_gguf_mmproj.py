@@ -197,3 +197,17 @@ def test_llama_cpp_loads_the_mmproj_and_encodes_an_image(cli, tmp_path, name, im
     finally:
         mtmd.mtmd_free(ctx)
         llama_cpp.llama_model_free(model)
+
+
+def test_a_tower_saved_under_model_is_the_same_mmproj(cli, tmp_path):
+    """transformers 5 saves Gemma-3's tower as `model.vision_tower.…` / `model.multi_modal_projector.…`
+    where published checkpoints have no `model.`: both give the same mmproj tensors."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "gguf" / "gemma3-vl-w4a16-g32", src)
+    tensors = load_file(src / "model.safetensors")
+    tower = ("vision_tower.", "multi_modal_projector.")
+    save_file({f"model.{k}" if k.startswith(tower) else k: v for k, v in tensors.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    for source, out in ((FIXTURES / "gguf" / "gemma3-vl-w4a16-g32", tmp_path / "a"), (src, tmp_path / "b")):
+        assert cli("repack", source, out, "--target", "gguf", "--quiet").code == 0
+    a, b = ({t.name: np.array(t.data).tobytes() for t in gguf.GGUFReader(tmp_path / o / "mmproj-model.gguf").tensors} for o in "ab")
+    assert a == b and len(a) == 23
