@@ -70,7 +70,7 @@ def _root(
 
 DebugOpt = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors and warnings.")
 RevisionOpt = typer.Option(None, "--revision", help="Branch, tag or commit of a Hugging Face repo id.")
 
 
