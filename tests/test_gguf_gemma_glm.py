@@ -137,7 +137,7 @@ def test_gemma_token_embd_cut_to_the_real_vocabulary(cli, tmp_path, vocab_size, 
     assert cli("verify", src, out).code == 0
 
 
-def test_gemma_vl_text_model_and_dropped_tower(cli, tmp_path):
+def test_gemma_vl_text_model_and_its_tower_in_the_mmproj_file(cli, tmp_path):
     out = tmp_path / "out"
     r = cli("repack", GEMMA_VL, out, "--target", "gguf", "--json")
     assert r.code == 0, r.err
@@ -145,8 +145,9 @@ def test_gemma_vl_text_model_and_dropped_tower(cli, tmp_path):
     assert fields["general.architecture"] == "gemma3" and fields["gemma3.block_count"] == 2
     assert not any(n.startswith(("v.", "mm.")) for n in tensors)
     dropped = json.loads((out / "ct-convert.json").read_text())["dropped_tensors"]
-    assert "multi_modal_projector.mm_soft_emb_norm.weight" in dropped
-    assert any("mmproj" in n for n in r.json()["notes"])
+    assert not any(t.startswith(("vision_tower.", "multi_modal_projector.")) for t in dropped) and not r.json()["warnings"]
+    tower = {t.name for t in gguf.GGUFReader(out / "mmproj-model.gguf").tensors}
+    assert {"mm.soft_emb_norm.weight", "mm.input_projection.weight", "v.patch_embd.weight"} <= tower
 
 
 @pytest.mark.parametrize("nextn,blocks", [(1, 3), (0, 2), (None, 2)])

@@ -85,14 +85,15 @@ def test_verify_passes_and_finds_a_corrupted_expert(cli, tmp_path, interleaved):
     assert [x["module"] for x in r.json()["results"] if not x["ok"]] == ["model.layers.3.feed_forward.experts.2.up_proj"]
 
 
-def test_the_vision_model_is_listed_not_dropped_silently(cli, tmp_path):
+def test_the_vision_model_goes_to_the_mmproj_file(cli, tmp_path):
     out = tmp_path / "out"
     r = cli("repack", VL, out, "--target", "gguf", "--json")
     assert r.code == 0, r.err
-    assert r.json()["verified"] is True
-    assert any("mmproj" in n and "vision_model." in n for n in r.json()["notes"])
+    assert r.json()["verified"] is True and not r.json()["warnings"]
     dropped = json.loads((out / "ct-convert.json").read_text())["dropped_tensors"]
-    assert "vision_model.class_embedding" in dropped and "multi_modal_projector.linear_1.weight" in dropped
+    assert not any(t.startswith(("vision_model.", "multi_modal_projector.")) for t in dropped)
+    tower, _ = read(out / "mmproj-model.gguf")
+    assert {"v.class_embd", "mm.model.fc.weight"} <= set(tower)
     tensors, f = read(out / "model.gguf")
     assert not any(n.startswith(("v.", "mm.")) for n in tensors)
     # Scout's llama3 rope with low_freq_factor == high_freq_factor: every factor is 1 or `factor`

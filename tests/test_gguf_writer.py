@@ -295,19 +295,6 @@ def test_inspect_lists_the_gguf_target(cli, tmp_path):
         assert mods and all(m["targets"]["gguf"] is False and words in m["reasons"]["gguf"] for m in mods)
 
 
-def test_a_vision_tower_is_never_dropped_silently(cli, tmp_path):
-    """Mistral-3's text model is written; its tower and projector (llama.cpp's mmproj file, not written
-    yet) are listed in the manifest's dropped_tensors and named in a note."""
-    out = tmp_path / "out"
-    r = cli("repack", FIXTURES / "gguf" / "mistral3-w4a16", out, "--target", "gguf", "--json")
-    assert r.code == 0, r.err
-    assert any("mmproj" in n and "vision_tower." in n for n in r.json()["notes"])
-    dropped = json.loads((out / "ct-convert.json").read_text())["dropped_tensors"]
-    assert "vision_tower.patch_conv.weight" in dropped and "multi_modal_projector.linear_1.weight" in dropped
-    names = [t.name for t in gguf.GGUFReader(out / "model.gguf").tensors]
-    assert "blk.0.attn_q.weight" in names and not any(n.startswith(("v.", "mm.")) for n in names)
-
-
 def test_vocab_size_key_only_where_llamacpp_writes_it_or_nothing_else_sizes_the_vocabulary(cli, tmp_path):
     """llama.cpp's converter writes qwen3moe.vocab_size for no Qwen model; its loader reads the key
     only for a file without vocabulary, to size the token table."""

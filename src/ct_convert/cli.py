@@ -70,7 +70,7 @@ def _root(
 
 DebugOpt = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Print nothing but errors and warnings.")
 RevisionOpt = typer.Option(None, "--revision", help="Branch, tag or commit of a Hugging Face repo id.")
 
 
@@ -149,6 +149,8 @@ def repack(
     if workers:
         opts.workers = workers
     summary = run(source, output, opts, revision=revision, force=force, show_progress=not (quiet or json_out))
+    for warning in summary["warnings"]:  # on stderr whatever the output mode: what the output lacks
+        console.err.print(f"[yellow]warning:[/] {console.safe(warning)}", highlight=False)
     if json_out:
         console.print_json(summary)
     elif not quiet:
@@ -159,7 +161,7 @@ def repack(
             f"[green]✓[/] wrote {console.safe(summary['output'])} ({summary['target']}): {conv}{extra}, "
             f"{summary['bytes_written'] / 1e6:.1f} MB in {summary['seconds']:.1f}s, {ver}"
         )
-        for note in summary["notes"]:
+        for note in (n for n in summary["notes"] if n not in summary["warnings"]):
             console.out.print(f"  note: {console.safe(note)}")
 
 

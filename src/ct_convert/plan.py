@@ -81,6 +81,7 @@ class Plan:
     fallbacks: list[dict] = field(default_factory=list)  # the manifest's "fallbacks", in order
     dropped: list[str] = field(default_factory=list)  # source tensors not written (the reason: notes / README)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # notes also printed on stderr, even with --json: parts not written
     blocked: str | None = None  # inspect only: why the whole checkpoint is refused
     at_repack: str | None = None  # inspect only: what repack decides for the whole checkpoint
     detail: object = None  # target-wide facts its writer needs

@@ -129,8 +129,8 @@ class ModelBase:
     # config.json keys TensorRT-LLM's legacy checkpoint adds for this model, which it holds under
     # Llama-family names (targets/trtllm_legacy); None: that target does not hold it
     trtllm_legacy: dict | None = None
-    # name prefixes of parts llama.cpp keeps in another file (a vision tower for mmproj) that is not
-    # written yet: their tensors are dropped, listed in the manifest, and a note says so
+    # name prefixes of parts llama.cpp keeps in another file: a vision tower and projector, written
+    # as the mmproj file by their class in architectures/vision.py (or listed as not written, and said so)
     towers: tuple[str, ...] = ()
     # (config.json key, regex of the tensors whose rows it gives, in every layer): targets/gguf/hparams.py
     ffn_rows: tuple[tuple[str, str], ...] = (

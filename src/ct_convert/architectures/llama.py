@@ -58,7 +58,7 @@ def rope_freqs(config: dict) -> torch.Tensor | None:
 class Mistral3Model(LlamaModel):
     """The text model of Mistral-3 (Mistral-Small-3.1): llama.cpp's `mistral3` graph, llama's Q/K row
     order, weights under `language_model.`. The vision tower and projector go to llama.cpp's separate
-    mmproj file, which is not written yet: they are dropped, listed, and said so (`towers`)."""
+    mmproj file (`towers`; PixtralVision in architectures/vision.py writes it)."""
 
     gguf_arch = gguf.MODEL_ARCH.MISTRAL3
     trtllm_legacy = None

@@ -6,7 +6,7 @@ MoE layers every `interleave_moe_layer_step` layers, dense ones between them; HF
 the dense layers', which llama.cpp names `expert_feed_forward_length` and `feed_forward_length`;
 per-expert Linears (llm-compressor's layout) stacked into `ffn_*_exps`, the shared expert as
 `ffn_*_shexp`, the router F32. The text model of `Llama4ForConditionalGeneration` lives under
-`language_model.`; its vision model and projector go to llama.cpp's separate mmproj file (`towers`).
+`language_model.`; its vision model and projector go to llama.cpp's separate mmproj file (`towers`, architectures/vision.py).
 
 llama.cpp's graph fixes what transformers reads from the config (src/models/llama4.cpp): a NoPE
 layer every 4th layer, chunked attention of 8192 tokens on the others, the NoPE layers' attention

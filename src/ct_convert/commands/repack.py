@@ -50,6 +50,7 @@ def repack(source: str, output: str | Path, opts: RepackOptions, *, revision: st
         "verified": opts.verify,
         "seconds": round(time.monotonic() - started, 3),
         "notes": plan.notes,
+        "warnings": plan.warnings,
     }
 
 

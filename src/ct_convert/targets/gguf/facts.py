@@ -8,6 +8,8 @@ import math
 import gguf
 import torch
 
+MMPROJ_STEM = "mmproj-model"  # the vision tower's file beside model.gguf (mmproj.py)
+MMPROJ_FILE = f"{MMPROJ_STEM}.gguf"
 QUANTIZED = ("Q4_0", "Q5_0", "Q8_0", "MXFP4", "NVFP4")  # the block types ct-convert writes
 DENSE_TYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TORCH_OF = {v: k for k, v in DENSE_TYPES.items()}

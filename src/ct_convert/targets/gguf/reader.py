@@ -8,7 +8,10 @@ value llama.cpp changes, such as Gemma-3's 1 + w norms, is compared with that ch
 source, `as_stored`); NVFP4 is the block value times the `.scale` multiplier, as llama.cpp applies
 it, rounded to bf16 (where it equals the source, gguf.md §0.1). A module split into parts of
 different types (a quantized attn_v_b beside its dense attn_k_b fallback) reads back at the
-precision of the coarser float type, as the fallback promises.
+precision of the coarser float type, as the fallback promises. The vision tower's mmproj file is
+read by its class (architectures/vision.py): an F16 the converter forces read as float32 (compared
+with the source exactly, never narrowed to F16), and rows it copies from a text tensor (Pixtral's
+`[IMG_BREAK]` embedding) checked against that tensor.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import numpy as np
 import torch
 
 from ct_convert import architectures
-from ct_convert.architectures import Part
+from ct_convert.architectures import Part, vision
 from ct_convert.errors import InputError
-from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
+from ct_convert.targets.gguf.facts import MMPROJ_FILE, QUANTIZED, Q4_0_ZERO, block_bytes
 from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
 
 _ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
@@ -41,14 +44,18 @@ class GGUFOutput:
     working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
 
     def __init__(self, folder: Path, source_architecture: str | None = None):
-        self.files = sorted(folder.glob("*.gguf"))
+        self.files = sorted(folder.glob("*.gguf"), key=lambda f: (f.name == MMPROJ_FILE, f.name))  # the text model first
         try:
             self.readers = [gguf.GGUFReader(f) for f in self.files]
         except (OSError, ValueError) as e:
             raise InputError(f"{folder}: unreadable GGUF ({e})") from None
-        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        tower_reader = self.readers.pop() if self.files[-1].name == MMPROJ_FILE else None
+        if not self.readers:
+            raise InputError(f"{folder}: {MMPROJ_FILE} without the text model's GGUF")
+        every = self.readers + ([tower_reader] if tower_reader else [])
+        self.tensors = {t.name: t for r in every for t in r.tensors}  # v.* / mm.* never clash with text names
         # np.memmap keeps its mmap object private; without it pages are simply not released early
-        self._maps = {t.name: getattr(r.data, "_mmap", None) for r in self.readers for t in r.tensors}
+        self._maps = {t.name: getattr(r.data, "_mmap", None) for r in every for t in r.tensors}
         head = self.readers[0]
         arch = self._field(head, "general.architecture")
         # the source's class names its tensors, when it is one for this GGUF architecture (several
@@ -59,6 +66,21 @@ class GGUFOutput:
         if cls is None:
             raise InputError(f"{folder}: GGUF architecture {arch!r} is not one ct-convert writes")
         self.model = cls.from_gguf(lambda key: self._field(head, key))
+        self.tower = None if tower_reader is None else self._tower(folder, tower_reader, head)
+
+    def _tower(self, folder: Path, r: gguf.GGUFReader, head: gguf.GGUFReader) -> vision.VisionTower:
+        projector = self._field(r, "clip.projector_type")
+        cls = vision.for_projector(projector) if self._field(r, "general.architecture") == "clip" else None
+        if cls is None:
+            raise InputError(f"{folder / MMPROJ_FILE}: not a vision projector ct-convert writes (projector {projector!r})")
+        tokens = self._field(head, "tokenizer.ggml.tokens") or []
+        try:
+            return cls.from_gguf(lambda key: self._field(r, key), lambda text: tokens.index(text) if text in tokens else None)
+        except InputError as e:
+            raise InputError(f"{folder / MMPROJ_FILE}: {e}") from None
+
+    def _in_tower(self, hf_name: str) -> bool:
+        return self.tower is not None and vision.in_tower(self.model, type(self.tower), hf_name)
 
     @staticmethod
     def _field(reader: gguf.GGUFReader, key: str):
@@ -66,12 +88,13 @@ class GGUFOutput:
         return f.contents() if f is not None else None
 
     def omits(self, module: str) -> bool:
-        """A source module the GGUF leaves out by design (a multi-token-prediction layer, a vision tower)."""
-        return self.model.is_dropped(f"{module}.weight")
+        """A source module the GGUF leaves out by design (a multi-token-prediction layer, a vision tower
+        whose mmproj file was not written)."""
+        return not self._in_tower(module) and self.model.is_dropped(f"{module}.weight")
 
     def _locate(self, hf_name: str) -> list[tuple[object, Part]] | None:
         """The stored tensor of every part of an HF tensor, or None if any is absent."""
-        parts = self.model.modify_tensors(hf_name)
+        parts = (self.tower if self._in_tower(hf_name) else self.model).modify_tensors(hf_name)
         if not parts or any(p.name not in self.tensors for p in parts):
             return None
         return [(self.tensors[p.name], p) for p in parts]
@@ -114,12 +137,31 @@ class GGUFOutput:
         for t, part in located:
             pieces.append((part, self._values(t, part.expert)))
             self._release(t)
-        return _restore_rows(pieces)
+        value = _restore_rows(pieces)
+        if self._in_tower(name) and value.dtype == torch.float16:
+            value = value.to(torch.float32)  # an F16 the converter forces: compared widened, not narrowed
+        return value if self.tower is None else self._with_copies(name, value)
+
+    def _with_copies(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` with the rows an mmproj tensor copies from it put back from that copy (float32 where
+        one differs, so that the comparison with the source sees it)."""
+        for part in self.tower.copies(name):
+            t = self.tensors.get(part.name)
+            if t is None:
+                continue
+            rows = part.rows(value.shape[0])
+            copy = self._values(t, None).reshape(len(rows), -1).to(torch.float32)
+            if not torch.equal(copy, value[rows].to(torch.float32)):
+                value = value.to(torch.float32)
+                value[rows] = copy
+        return value
 
     def as_stored(self, name: str, source: torch.Tensor) -> torch.Tensor:
         """A carried source tensor as this file must hold it, in the form `tensor(name)` returns: only
         the rows the architecture keeps (Gemma-3's real vocabulary), with the value llama.cpp stores
         (Gemma-3's norm + 1); `verify` compares this with what is read back."""
+        if self._in_tower(name):
+            return self.tower.stored_value(name, source)
         parts = self.model.modify_tensors(name) or []
         dim = -2 if source.dim() > 1 else 0
         kept = [p.rows(source.shape[dim]) for p in parts]

@@ -1,4 +1,5 @@
-"""`--target gguf`: one self-contained GGUF (or split parts) for llama.cpp and ollama (gguf.md).
+"""`--target gguf`: one self-contained GGUF (or split parts) for llama.cpp and ollama (gguf.md), and
+for a multimodal source the vision tower's mmproj file beside it (mmproj.py).
 
 Every quantized module becomes the ggml block type that holds it exactly (mapping.py), or its
 dequantized weight in the source float type (F32 where llama.cpp requires it), listed as a fallback.
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 
 from ct_convert import architectures
+from ct_convert.architectures import vision
 from ct_convert.architectures.base import ModelBase, Part, slot
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
-from ct_convert.targets.gguf import facts, hparams, mapping, vocab
+from ct_convert.targets.gguf import facts, hparams, mapping, mmproj, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
 
 OUTPUT_STEM = "model"
@@ -56,24 +58,26 @@ class Entry:
 class GGUFWriter(TargetWriter):
 
     def fill_plan(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
-        model, entries = _layout(plan, reader, opts)
+        model, entries, tower_modules, tower_tensors = _layout(plan, reader, opts)
+        tower, mm_entries = mmproj.layout(plan, reader, tower_modules, tower_tensors, opts)
         if opts.strict:
-            _refuse_fallbacks(entries, "")
+            _refuse_fallbacks(entries + mm_entries, "")
         copied = vocab.read_vocab_from(opts.vocab_from) if opts.vocab_from is not None else None
         n_vocab = _n_vocab(entries)
         if plan.inspecting:
             plan.at_repack = vocab.survey(reader.root, opts.vocab_from)
-            for e in entries:
+            for e in entries + mm_entries:
                 if e.kind == "module" and e.reason is None:
                     e.pending = _pending(reader, e)
         else:
             voc = vocab.load(reader.root, reader.config, n_vocab, copied, opts.strict, model.name)
             _refuse_unloadable_vocab(reader, voc, n_vocab)
             entries = _scan_scales(reader, model, entries)
+            mm_entries = _scan_scales(reader, tower, mm_entries)
             if opts.strict:
-                _refuse_fallbacks(entries, " (found in its scales)")
-        _modules(plan, entries)
-        plan.units = _units(reader, entries)
+                _refuse_fallbacks(entries + mm_entries, " (found in its scales)")
+        _modules(plan, entries + mm_entries)
+        plan.units = _units(reader, entries) + _units(reader, mm_entries)
         if plan.fallbacks:
             kinds = sorted({f["written_as"] for f in plan.fallbacks})
             plan.notes.append(
@@ -86,43 +90,55 @@ class GGUFWriter(TargetWriter):
         w = _metadata(reader, model, entries, voc, n_vocab)
         if sum(e.nbytes for e in entries) > opts.max_shard_size:
             w.split_max_size = opts.max_shard_size
-        for e in entries:
-            w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=gguf.GGMLQuantizationType[e.ggml])
-        files = [p.name for p in w.format_shard_names(Path(f"{OUTPUT_STEM}.gguf"))]
         outputs = {o.name: o for o in plan.outputs()}
-        for fname, names in zip(files, w.tensors):
-            for name in names:
-                outputs[name].file = fname
-        if len(files) > 1:
-            plan.notes.append(f"split into {len(files)} parts: load the first ({OUTPUT_STEM}-00001-of-{len(files):05d}.gguf)")
-        by_name = {e.name: e for e in entries}
-        plan.detail = (w, [[by_name[n] for n in names] for names in w.tensors])
+        plan.detail = [_file(w, OUTPUT_STEM, entries, outputs)]
+        n = len(plan.detail[0][2])
+        if n > 1:
+            plan.notes.append(f"split into {n} parts: load the first ({OUTPUT_STEM}-00001-of-{n:05d}.gguf)")
+        if tower is not None:  # never split: llama.cpp's clip loader reads one file
+            plan.detail.append(_file(mmproj.metadata(reader, tower, _file_type(mm_entries)), mmproj.STEM, mm_entries, outputs))
 
     def write(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, progress: Progress) -> Files:
-        w, shards = plan.detail
-        path = out / f"{OUTPUT_STEM}.gguf"
-        names = w.format_shard_names(path)
         # every source of every unit, in file order, computed up to `workers` ahead of the writer
         jobs = [(unit, source) for unit in plan.units for source in (unit.sources if len(unit.sources) > 1 else [None])]
         produced = ordered_map(lambda job: _produce(reader, *job), jobs, opts.workers, cost=lambda job: _job_bytes(reader, *job))
         chunks = itertools.chain.from_iterable(produced)
         files: Files = {}
-        w.open_output_file(path)
-        sinks = w.fout = [HashingSink(f, file) for f, file in zip(w.fout, names)]  # gguf-py writes through these
-        try:
-            w.write_header_to_file(path)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for sink, entries in zip(sinks, shards):
-                for e in entries:
-                    w.write_tensor_data(_Stream(e.nbytes, itertools.islice(chunks, len(e.parts) or 1), progress))
-                sha, size = sink.finish()
-                files[sink.path.name] = {"sha256": sha, "size": size}
-        except BaseException:
-            for sink in sinks:
-                sink.abort()
-            raise
+        for w, stem, shards in plan.detail:
+            files.update(_write_file(w, out / f"{stem}.gguf", shards, chunks, progress))
         return files
+
+
+def _file(w: gguf.GGUFWriter, stem: str, entries: list[Entry], outputs: dict[str, Output]) -> tuple:
+    """(writer, file stem, entries per part) with every tensor's info added and its Output's file set."""
+    for e in entries:
+        w.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=gguf.GGMLQuantizationType[e.ggml])
+    files = [p.name for p in w.format_shard_names(Path(f"{stem}.gguf"))]
+    for fname, names in zip(files, w.tensors):
+        for name in names:
+            outputs[name].file = fname
+    by_name = {e.name: e for e in entries}
+    return w, stem, [[by_name[n] for n in names] for names in w.tensors]
+
+
+def _write_file(w: gguf.GGUFWriter, path: Path, shards: list[list[Entry]], chunks, progress: Progress) -> Files:
+    files: Files = {}
+    w.open_output_file(path)
+    sinks = w.fout = [HashingSink(f, file) for f, file in zip(w.fout, w.format_shard_names(path))]  # gguf-py writes through these
+    try:
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for sink, entries in zip(sinks, shards):
+            for e in entries:
+                w.write_tensor_data(_Stream(e.nbytes, itertools.islice(chunks, len(e.parts) or 1), progress))
+            sha, size = sink.finish()
+            files[sink.path.name] = {"sha256": sha, "size": size}
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    return files
 
 
 def _metadata(reader: SourceReader, model: ModelBase, entries: list[Entry], voc: vocab.Vocab, n_vocab: int) -> gguf.GGUFWriter:
@@ -139,8 +155,11 @@ def _metadata(reader: SourceReader, model: ModelBase, entries: list[Entry], voc:
     return w
 
 
-def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[ModelBase, list[Entry]]:
+def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[ModelBase, list[Entry], list[str], list[str]]:
+    """The text file's entries, and the vision tower's modules and tensors (for mmproj.py)."""
     model = _model(reader)
+    tower_cls = vision.lookup(reader.config)
+    tower_modules, tower_tensors = [], []
     refuse_online_transforms(reader, "The weights alone are not the model; llama.cpp cannot apply the transform.")
     entries = []
     grouped: dict[str, list[tuple[int, str, str]]] = {}  # gguf name -> [(expert, kind, source)]
@@ -158,28 +177,29 @@ def _layout(plan: Plan, reader: SourceReader, opts: RepackOptions) -> tuple[Mode
             layouts[p.name] = p
 
     for name in reader.modules:
+        if vision.in_tower(model, tower_cls, name):
+            tower_modules.append(name)
+            continue
         if model.is_dropped(f"{name}.weight"):
             plan.dropped.append(name)
             continue
         place(f"{name}.weight", "module", name)
     for t in reader.passthrough():
-        if reader.is_quantization_param(t) or model.is_dropped(t):
+        if reader.is_quantization_param(t):
             plan.dropped.append(t)
-            continue
-        place(t, "tensor", t)
-    towers = [t for t in plan.dropped if model.in_tower(t)]
-    if towers:
-        plan.notes.append(
-            f"{len(towers)} tensors of the vision tower and projector ({', '.join(model.towers)}) are not in the GGUF: "
-            "llama.cpp keeps them in a separate mmproj file, which ct-convert does not write yet (listed in dropped_tensors)"
-        )
+        elif vision.in_tower(model, tower_cls, t):
+            tower_tensors.append(t)
+        elif model.is_dropped(t):
+            plan.dropped.append(t)
+        else:
+            place(t, "tensor", t)
     n_experts = model.expert_count()
     for g, items in grouped.items():
         entries.append(_entry(reader, model, g, sorted(items), layouts[g], n_experts, opts))
     for name, value in model.extra_tensors():
         entries.append(Entry(name, "constant", [], "F32", tuple(value.shape), constant=value))
     entries.sort(key=lambda e: e.order)
-    return model, entries
+    return model, entries, tower_modules, tower_tensors
 
 
 def _model(reader: SourceReader) -> ModelBase:
