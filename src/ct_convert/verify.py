@@ -15,7 +15,7 @@ import torch
 
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
-from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
+from ct_convert.targets.reader_base import GroupCodes
 
 
 @dataclass
@@ -53,23 +53,34 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
         got = out_reader.tensor(t)
         if got is None:
             continue  # targets may rename or drop carried tensors; their readers map the ones they keep
-        ref = reader.get(t)
-        if _widened_equal(ref, got):
+        if _carried_equal(reader, t, got):
             results.append(ModuleResult(t, 0.0, 0.0, True, True))
         else:
+            ref = reader.get(t)
             results.append(_diff(t, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol))
     return results
 
 
-def _widened_equal(ref: torch.Tensor, got: torch.Tensor) -> bool:
-    """`got` holds exactly `ref`, converted to got's float dtype a band of rows at a time (an
-    embedding widened to float32 would otherwise exist twice more in memory)."""
-    if ref.dtype == got.dtype or ref.dim() == 0 or not (ref.is_floating_point() and got.is_floating_point()):
-        return bitwise_equal(ref, got)
-    if ref.shape != got.shape:
+def _carried_equal(reader, name: str, got: torch.Tensor) -> bool:
+    """`got` holds exactly source tensor `name`, converted to got's float dtype; the source is read a
+    band of rows at a time (a 1 GB embedding is never held twice)."""
+    if tuple(reader.tensor_meta(name).shape) != tuple(got.shape):
         return False
-    rows = max(1, BAND_BYTES // max(1, got[0].numel() * got.element_size()))
-    return all(bitwise_equal(ref[i:i + rows].to(got.dtype), got[i:i + rows]) for i in range(0, ref.shape[0], rows))
+    row = 0
+    for ref in reader.bands(name):
+        if ref.dim() == 0:
+            return _widened_equal(ref, got)
+        if not _widened_equal(ref, got[row:row + ref.shape[0]]):
+            return False
+        row += ref.shape[0]
+    return True
+
+
+def _widened_equal(ref: torch.Tensor, got: torch.Tensor) -> bool:
+    """`got` holds exactly `ref`, converted to got's float dtype (bit for bit where dtypes match)."""
+    if ref.dtype != got.dtype and ref.is_floating_point() and got.is_floating_point():
+        ref = ref.to(got.dtype)
+    return bitwise_equal(ref, got)
 
 
 def _compare_dequantized(name: str, source: QuantizedWeight, out_reader, atol: float | None) -> ModuleResult:

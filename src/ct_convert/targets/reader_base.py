@@ -25,7 +25,6 @@ class OutputReader(Protocol):
         """A tensor carried over from the source, by its source name, or None if absent."""
 
 
-BAND_BYTES = 64 << 20  # large tensors are copied and compared this many bytes at a time
 
 
 def quant_method(config) -> str | None:

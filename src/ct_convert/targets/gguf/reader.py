@@ -19,7 +19,8 @@ from ct_convert import architectures
 from ct_convert.architectures import Part
 from ct_convert.errors import InputError
 from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
-from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
+from ct_convert.targets.reader_base import GroupCodes
+from ct_convert.tensorstore import BAND_BYTES
 
 _ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
 

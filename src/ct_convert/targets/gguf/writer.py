@@ -21,11 +21,13 @@ import torch
 
 from ct_convert import architectures
 from ct_convert.architectures.base import ModelBase, slot
+from ct_convert.bands import carried, pieces
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
+from ct_convert.tensorstore import BAND_BYTES
 from ct_convert.targets.gguf import facts, hparams, mapping, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
 
@@ -352,9 +354,10 @@ class _Stream:
     def tofile(self, fp) -> None:
         written = 0
         for chunk, source_bytes in self._chunks:
-            data = chunk.contiguous().view(torch.uint8).reshape(-1).numpy()
-            fp.write(memoryview(data))
-            written += data.nbytes
+            for band in pieces(chunk):
+                data = band.contiguous().view(torch.uint8).reshape(-1).numpy()
+                fp.write(memoryview(data))
+                written += data.nbytes
             self._progress(source_bytes)
         if written != self.nbytes:
             raise AssertionError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
@@ -366,7 +369,7 @@ def _job_bytes(reader: SourceReader, unit: Unit, source: str | None) -> int:
         return 0
     sources = unit.sources if source is None else (source,)
     if unit.how == CARRY:
-        return sum(2 * reader.tensor_meta(s).nbytes for s in sources)
+        return sum(min(2 * reader.tensor_meta(s).nbytes, 4 * BAND_BYTES) for s in sources)
     return sum(4 * math.prod(reader.modules[s].shape) for s in sources)
 
 
@@ -377,9 +380,12 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
         return [(e.constant.to(torch.float32), 0) for e in unit.detail]
     part = source if source is not None else unit.sources[0]
     if unit.how == CARRY:
+        cost = reader.tensor_meta(part).nbytes
+        if len(unit.detail) == 1 and unit.detail[0].select is None:  # streamed band by band when large
+            dtype = facts.TORCH_OF[unit.detail[0].ggml]
+            return [(carried(reader, part, lambda t: t.to(dtype), dtype), cost)]
         t = reader.get(part)
         picked = [_carried(t, e) for e in unit.detail]
-        cost = reader.tensor_meta(part).nbytes
     else:
         qw = reader.read(part)
         picked = [mapping.encode(qw, e.ggml, e.select(_rows(qw.shape)) if e.select else None) for e in unit.detail]
