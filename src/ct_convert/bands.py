@@ -37,6 +37,12 @@ def carried(reader, name: str, convert: Callable[[torch.Tensor], torch.Tensor], 
     return Bands(dtype, tuple(meta.shape), lambda: (convert(b) for b in reader.bands(name)))
 
 
+def banded(store, name: str) -> Bands:
+    """A tensor of a TensorStore, as Bands read on demand."""
+    meta = store.meta(name)
+    return Bands(meta.torch_dtype, tuple(meta.shape), lambda: store.bands(name))
+
+
 def pieces(t: "torch.Tensor | Bands") -> Iterator[torch.Tensor]:
     """A tensor's bands: itself when whole."""
     return iter((t,)) if isinstance(t, torch.Tensor) else iter(t)

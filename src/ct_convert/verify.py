@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
+from ct_convert.bands import Bands, pieces
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
 from ct_convert.targets.reader_base import GroupCodes
@@ -48,32 +50,47 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
         results.append(result)
         progress(reader.source_bytes(result.module))
     for t in reader.passthrough():
-        if reader.is_quantization_param(t):
-            continue
-        got = out_reader.tensor(t)
-        if got is None:
-            continue  # targets may rename or drop carried tensors; their readers map the ones they keep
-        if _carried_equal(reader, t, got):
-            results.append(ModuleResult(t, 0.0, 0.0, True, True))
-        else:
-            ref = reader.get(t)
-            results.append(_diff(t, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol))
+        if not reader.is_quantization_param(t):
+            results.extend(_compare_carried(reader, out_reader, t, atol))
     return results
 
 
-def _carried_equal(reader, name: str, got: torch.Tensor) -> bool:
-    """`got` holds exactly source tensor `name`, converted to got's float dtype; the source is read a
-    band of rows at a time (a 1 GB embedding is never held twice)."""
+def _compare_carried(reader, out_reader, name: str, atol: float | None) -> list[ModuleResult]:
+    """A carried tensor against its output, both read a band of rows at a time where the output
+    reader can (a 1 GB embedding is never held twice); nothing when the target dropped or renamed it
+    (targets may; their readers map the ones they keep)."""
+    banded = getattr(out_reader, "tensor_bands", None)
+    got = banded(name) if banded is not None else out_reader.tensor(name)
+    if got is None:
+        return []
+    if _carried_equal(reader, name, got):
+        return [ModuleResult(name, 0.0, 0.0, True, True)]
+    ref, got = reader.get(name), torch.cat(list(pieces(got))) if isinstance(got, Bands) else got
+    return [_diff(name, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol)]
+
+
+def _carried_equal(reader, name: str, got: "torch.Tensor | Bands") -> bool:
+    """`got` holds exactly source tensor `name`, converted to got's float dtype."""
     if tuple(reader.tensor_meta(name).shape) != tuple(got.shape):
         return False
-    row = 0
-    for ref in reader.bands(name):
-        if ref.dim() == 0:
-            return _widened_equal(ref, got)
-        if not _widened_equal(ref, got[row:row + ref.shape[0]]):
-            return False
-        row += ref.shape[0]
-    return True
+    if not got.shape:
+        return _widened_equal(reader.get(name), next(pieces(got)))
+    return all(_widened_equal(a, b) for a, b in _zip_rows(reader.bands(name), pieces(got)))
+
+
+def _zip_rows(a: Iterator[torch.Tensor], b: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of equally long row slices of two band sequences of the same tensor shape."""
+    x = y = None
+    while True:
+        if x is None or not x.shape[0]:
+            x = next(a, None)
+        if y is None or not y.shape[0]:
+            y = next(b, None)
+        if x is None or y is None:
+            return
+        n = min(x.shape[0], y.shape[0])
+        yield x[:n], y[:n]
+        x, y = x[n:], y[n:]
 
 
 def _widened_equal(ref: torch.Tensor, got: torch.Tensor) -> bool:

@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from ct_convert.bands import Bands, banded
 from ct_convert.source import find_index, load_json, read_index
 from ct_convert.tensorstore import TensorStore
 
@@ -23,6 +24,8 @@ class OutputReader(Protocol):
 
     def tensor(self, name: str) -> torch.Tensor | None:
         """A tensor carried over from the source, by its source name, or None if absent."""
+
+    # optional: tensor_bands(name) -> Bands | None, the same read a band of rows at a time
 
 
 
@@ -98,3 +101,7 @@ class HFOutputReader:
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.store.get(name) if name in self.store else None
+
+    def tensor_bands(self, name: str) -> Bands | None:
+        """`tensor`, read a band of rows at a time (what verifying a large carried tensor reads)."""
+        return banded(self.store, name) if name in self.store else None

@@ -17,11 +17,13 @@ import torch
 
 from ct_convert import architectures
 from ct_convert.architectures import Part
+from ct_convert.bands import Bands
 from ct_convert.errors import InputError
 from ct_convert.targets.gguf.facts import QUANTIZED, Q4_0_ZERO, block_bytes
 from ct_convert.targets.reader_base import GroupCodes
-from ct_convert.tensorstore import BAND_BYTES
+from ct_convert.tensorstore import BAND_BYTES, band_rows
 
+_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
 
 
@@ -105,6 +107,28 @@ class GGUFOutput:
             pieces.append((part, self._values(t, part.expert)))
             self._release(t)
         return _restore_rows(pieces)
+
+    def tensor_bands(self, name: str) -> "Bands | torch.Tensor | None":
+        """`tensor`, a band of rows at a time where it is stored as one float tensor in the source's
+        row order (an embedding); else whole."""
+        located = self._locate(name)
+        if located is None:
+            return None
+        ((t, part), *more) = located
+        qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+        shape = _element_shape(t, None)
+        if more or part.select is not None or part.expert is not None or qtype not in _FLOATS or len(shape) < 2:
+            return self.tensor(name)
+        data = t.data.reshape(shape[0], -1)
+        step = band_rows(t.n_bytes, shape[0], BAND_BYTES)
+
+        def produce():
+            for r0 in range(0, shape[0], step):
+                band = data[r0:r0 + step].copy()
+                self._release(t)
+                yield torch.from_numpy(band).view(_FLOATS[qtype]).reshape(-1, *shape[1:])
+
+        return Bands(_FLOATS[qtype], shape, produce)
 
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
