@@ -93,7 +93,8 @@ class GGUFOutput:
                 return (qs.contiguous().view(torch.int8) ^ -128).view(torch.uint8).reshape(n, -1)  # q + 128
             return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
 
-        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales)
+        stream = _q4_0_stream(qs) if qtype == "Q4_0" else None
+        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales, stream=stream)
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         return self.tensor(f"{module}.weight")
@@ -165,6 +166,25 @@ class GGUFOutput:
         if qtype.name in ("F16", "F32"):
             return torch.from_numpy(self._copy(t, data)).reshape(_element_shape(t, expert))
         raise InputError(f"{t.name}: GGUF type {qtype.name} is not one ct-convert writes")
+
+
+def _q4_0_stream(qs: torch.Tensor) -> torch.Tensor:
+    """Q4_0 quant bytes [N, nb, 16] (byte j: element j low, j + 16 high) -> each row's unsigned codes as
+    an LSB-first 4-bit stream int32 [N, nb*4] (element 2i low in byte i), what verification compares
+    with the source's packed words instead of unpacking both. Byte pairs (2i, 2i + 1) are 16-bit lanes
+    of int64 words: stream byte i takes their low nibbles, byte 8 + i their high ones."""
+    n, nb, _ = qs.shape
+    p = qs.contiguous().view(torch.int64)  # [N, nb, 2]
+    low = _lane_bytes((p & 0x000F000F000F000F) | ((p >> 4) & 0x00F000F000F000F0))  # elements 0..15
+    high = _lane_bytes(((p >> 4) & 0x000F000F000F000F) | ((p >> 8) & 0x00F000F000F000F0))  # elements 16..31
+    words = torch.stack((low[..., 0] | (low[..., 1] << 32), high[..., 0] | (high[..., 1] << 32)), dim=-1)
+    return words.view(torch.int32).reshape(n, nb * 4)
+
+
+def _lane_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The low byte of each 16-bit lane of int64 words, packed into their low 4 bytes."""
+    x = (x | (x >> 8)) & 0x0000FFFF0000FFFF
+    return (x | (x >> 16)) & 0xFFFFFFFF
 
 
 def _element_shape(t, expert: int | None) -> tuple[int, ...]:
