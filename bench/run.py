@@ -4,6 +4,7 @@
     python bench/run.py --layers 4 --vocab 128256 --targets gguf,dense   # Llama-3's 1 GB embedding
     python bench/run.py --workers 1,2,4,8,16 --targets gptq,gguf --skip-library   # scaling with cores
     python bench/run.py --device cuda --targets dense,awq,gptq,marlin --skip-library   # GPU repack
+    python bench/run.py --experts 128 --layers 4 --targets gguf,mlx,gptq --skip-baselines   # MoE: 128 experts a layer
 
 Reports, per target (and per worker count with --workers): wall time, start-up (interpreter and the
 imports a repack makes, measured alone: median of three), work time (wall minus start-up), input
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth import LLAMA3_8B, build  # noqa: E402
+from synth import LLAMA3_8B, QWEN3_30B_A3B, build, build_moe  # noqa: E402
 
 MEASURE = """
 import resource, subprocess, sys, time
@@ -115,6 +116,9 @@ def main() -> None:
     ap.add_argument("--vocab", "--embedding-rows", type=int, default=30000,
                     help="rows of the embedding and lm_head: 30000 keeps every tensor under 256 MB, Llama-3's "
                          "128256 makes each a 1 GB carried tensor")
+    ap.add_argument("--experts", type=int, default=0,
+                    help="a Qwen3-30B-A3B-shaped MoE source with this many experts per layer (128 in the real model) "
+                         "instead of the Llama-3-8B-shaped one; --layers and --vocab apply (--vocab 151936 is its own)")
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out")
     ap.add_argument("--targets", default="dense,awq,gptq,marlin")
     ap.add_argument("--verify", action="store_true", help="also time the default repack with verification")
@@ -130,10 +134,14 @@ def main() -> None:
         check_cuda()
 
     work = args.work
-    src = work / f"src-{args.layers}-{args.vocab}"
+    src = work / (f"src-moe{args.experts}-{args.layers}-{args.vocab}" if args.experts else f"src-{args.layers}-{args.vocab}")
     if not (src / "config.json").exists():
-        print(f"building a {args.layers}-layer Llama-3-8B-shaped W4A16 checkpoint in {src} ...", flush=True)
-        build(src, **dict(LLAMA3_8B, layers=args.layers, vocab=args.vocab))
+        if args.experts:
+            print(f"building a {args.layers}-layer Qwen3-30B-A3B-shaped W4A16 checkpoint, {args.experts} experts a layer, in {src} ...", flush=True)
+            build_moe(src, **dict(QWEN3_30B_A3B, layers=args.layers, vocab=args.vocab, experts=args.experts))
+        else:
+            print(f"building a {args.layers}-layer Llama-3-8B-shaped W4A16 checkpoint in {src} ...", flush=True)
+            build(src, **dict(LLAMA3_8B, layers=args.layers, vocab=args.vocab))
     size = warm(src)
     ct = [str(Path(sys.executable).parent / "ct-convert")]
     rows = []
