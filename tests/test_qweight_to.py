@@ -3,7 +3,6 @@ codes and the dequantized weight equal the source's decoding (run on the CPU her
 `--device cuda` takes; tests/test_cuda.py compares whole outputs on a GPU)."""
 
 import pytest
-import torch
 
 from conftest import FIXTURES, equal_bits
 from ct_convert.readers.checkpoint import open_checkpoint

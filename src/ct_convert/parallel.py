@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -14,14 +15,22 @@ R = TypeVar("R")
 IN_FLIGHT_BYTES = 1 << 30
 
 
-def one_torch_thread_per_worker(workers: int) -> None:
-    """With several workers, each runs its torch kernels on one thread: the workers are the
-    parallelism, and every worker's kernels also fanning out to all cores oversubscribes them (measured
-    2-10x more CPU time per kernel on a busy 2-core machine, from OpenMP threads spinning)."""
-    if workers > 1:
-        import torch
+@contextmanager
+def one_torch_thread_per_worker(workers: int) -> Iterator[None]:
+    """With several workers, each runs its torch kernels on one thread while this is entered: the
+    workers are the parallelism, and every worker's kernels also fanning out to all cores oversubscribes
+    them (measured 2-10x more CPU time per kernel on a busy 2-core machine, from OpenMP threads spinning)."""
+    if workers <= 1:
+        yield
+        return
+    import torch
 
-        torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ordered_map(

@@ -20,8 +20,12 @@ from ct_convert.verify import compare
 
 
 def repack(source: str, output: str | Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
+    with one_torch_thread_per_worker(opts.workers):
+        return _repack(source, output, opts, revision=revision, force=force, show_progress=show_progress)
+
+
+def _repack(source: str, output: str | Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
     started = time.monotonic()
-    one_torch_thread_per_worker(opts.workers)
     writer = writer_for(opts.target)
     files = resolve(source, revision)
     folder = OutputFolder(output, force, files.protected_paths())

@@ -21,8 +21,7 @@ def verify_pair(source: str, output: Path, atol: float | None, revision: str | N
     reader = open_checkpoint(resolve(source, revision))
     out = open_output(output, reader.architecture)
     workers = os.cpu_count() or 1
-    one_torch_thread_per_worker(workers)
-    with console.progress_bar("verify", reader.total_bytes(), show_progress) as advance:
+    with one_torch_thread_per_worker(workers), console.progress_bar("verify", reader.total_bytes(), show_progress) as advance:
         return compare(reader, out, atol, progress=advance, workers=workers)
 
 

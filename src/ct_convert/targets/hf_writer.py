@@ -23,8 +23,8 @@ from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, REFU
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
-from ct_convert.tensorstore import BAND_BYTES
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
+from ct_convert.tensorstore import BAND_BYTES
 
 DENSE_FALLBACK = "dense"
 

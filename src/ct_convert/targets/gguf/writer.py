@@ -27,9 +27,9 @@ from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
-from ct_convert.tensorstore import BAND_BYTES
 from ct_convert.targets.gguf import facts, hparams, mapping, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
+from ct_convert.tensorstore import BAND_BYTES
 
 OUTPUT_STEM = "model"
 
@@ -369,7 +369,8 @@ def _job_bytes(reader: SourceReader, unit: Unit, source: str | None) -> int:
         return 0
     sources = unit.sources if source is None else (source,)
     if unit.how == CARRY:
-        return sum(min(2 * reader.tensor_meta(s).nbytes, 4 * BAND_BYTES) for s in sources)
+        cap = 4 * BAND_BYTES if _streamed(unit) else 1 << 62
+        return sum(min(2 * reader.tensor_meta(s).nbytes, cap) for s in sources)
     return sum(4 * math.prod(reader.modules[s].shape) for s in sources)
 
 
@@ -381,7 +382,7 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
     part = source if source is not None else unit.sources[0]
     if unit.how == CARRY:
         cost = reader.tensor_meta(part).nbytes
-        if len(unit.detail) == 1 and unit.detail[0].select is None:  # streamed band by band when large
+        if _streamed(unit):
             dtype = facts.TORCH_OF[unit.detail[0].ggml]
             return [(carried(reader, part, lambda t: t.to(dtype), dtype), cost)]
         t = reader.get(part)
@@ -391,6 +392,12 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
         picked = [mapping.encode(qw, e.ggml, e.select(_rows(qw.shape)) if e.select else None) for e in unit.detail]
         cost = reader.source_bytes(part)
     return [(chunk, cost if i == 0 else 0) for i, chunk in enumerate(picked)]
+
+
+def _streamed(unit: Unit) -> bool:
+    """A carried tensor written as it is stored (one entry, no row selection): read, cast and written
+    band by band when large; a split one is read whole."""
+    return len(unit.detail) == 1 and unit.detail[0].select is None
 
 
 def _carried(t: torch.Tensor, e: Entry) -> torch.Tensor:

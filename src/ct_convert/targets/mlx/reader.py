@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ct_convert.errors import InputError
 from ct_convert.bands import Bands, banded
+from ct_convert.errors import InputError
 from ct_convert.targets.reader_base import GroupCodes, open_store
 from ct_convert.jsonfile import load_json
 from ct_convert.targets.mlx import facts

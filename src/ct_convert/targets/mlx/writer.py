@@ -25,12 +25,12 @@ from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, REFU
 from ct_convert.qweight import ModuleInfo
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
-from ct_convert.tensorstore import BAND_BYTES
 from ct_convert.targets.hf_writer import DENSE_FALLBACK
 from ct_convert.targets.mlx import facts
 from ct_convert.targets.mlx.config import mlx_config, quantization_block
 from ct_convert.targets.mlx.encode import Params, choose, data_reason, encode, specs
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
+from ct_convert.tensorstore import BAND_BYTES
 
 _HINT = "Pass --keep-unsupported dense to write such modules dequantized, or choose another --target."
 
