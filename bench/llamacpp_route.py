@@ -11,7 +11,7 @@ llama.cpp is kept in this project.
 
 The converter needs a vocabulary, so the checkpoint gets a tiny SentencePiece `tokenizer.model`
 (trained here); both tools read the same folder. Reported: wall time and peak RSS of each step and of
-ct-convert (`--target gguf`, with and without verification), and how many Q4_0 blocks of the two
+ct-convert (`--target gguf`, with and without verification; its start-up, measured alone, beside), and how many Q4_0 blocks of the two
 GGUFs are byte-identical (re-quantization picks its own scales, so most are not; ct-convert's are the
 source's codes and scales, which `verify` checks).
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import measure, warm  # noqa: E402
+from run import measure, startup, warm  # noqa: E402
 from synth import LLAMA3_8B, build  # noqa: E402
 
 SDIST = "llama-cpp-python==0.3.36"
@@ -135,10 +135,12 @@ def main() -> None:
 
     ct = str(Path(sys.executable).parent / "ct-convert")
     ours = args.work / "ct-gguf"
+    start = startup("gguf")
     for label, extra in (("ct-convert gguf --no-verify", ["--no-verify"]), ("ct-convert gguf (verified)", [])):
         shutil.rmtree(ours, ignore_errors=True)
         t = run(label, [ct, "repack", str(src), str(ours), "--target", "gguf", "-q", *extra])
-        rows[-1]["speedup_vs_llama_cpp"] = round((t1 + t2) / t, 2)
+        rows[-1].update(speedup_vs_llama_cpp=round((t1 + t2) / t, 2), startup_s=round(start, 2), work_s=round(t - start, 2))
+        print(json.dumps({k: rows[-1][k] for k in ("run", "speedup_vs_llama_cpp", "startup_s", "work_s")}), flush=True)
 
     theirs_blocks, our_blocks = q4_0_blocks(q4), q4_0_blocks(ours / "model.gguf")
     common = sorted(set(theirs_blocks) & set(our_blocks))

@@ -207,3 +207,22 @@ def test_no_single_bit_flip_in_a_quantized_tensor_goes_unseen(flip_outputs, targ
             f.seek(where)
             f.write(bytes([old]))
     assert bad == [name.rsplit(".", 1)[0]]
+
+
+@pytest.mark.parametrize("fixture", ["w4a16-g128", "gguf/qwen3moe-w4a16"])
+def test_gguf_q4_0_stream_is_the_codes_packed_lsb_first(cli, tmp_path, fixture):
+    """The GGUF reader's Q4_0 stream (compared with the source's packed words instead of unpacking
+    both) is its own unpacked codes packed as an LSB-first 4-bit stream, and equals the source's."""
+    from ct_convert import bitpack
+
+    reader, out = _repack(cli, tmp_path, fixture, "gguf")
+    out_reader = open_output(out)
+    checked = 0
+    for name in reader.modules:
+        decoded = out_reader.decode(name)
+        if decoded is None or decoded.stream is None:
+            continue
+        assert bitwise_equal(decoded.stream, bitpack.pack(decoded.unpack(), 4)), name
+        assert bitwise_equal(decoded.stream, reader.read(name).packed_stream), name
+        checked += 1
+    assert checked

@@ -36,3 +36,19 @@ def unpack_fp6(packed: torch.Tensor) -> torch.Tensor:
     v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
     out = torch.stack([(v >> s) & 0x3F for s in (0, 6, 12, 18)], dim=-1)
     return out.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+# (bits viewed as, exponent mask) of the IEEE formats: all-ones exponent bits mean Inf or NaN
+_EXPONENT = {
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a float16/bfloat16/float32/float64 tensor, from its exponent bits (several
+    times faster than torch.isfinite, which has no vectorized bf16 kernel on CPU)."""
+    as_int, mask = _EXPONENT[t.dtype]
+    return not bool(((t.contiguous().view(as_int) & mask) == mask).any())

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ct_convert import floatcodes
+from ct_convert import bitpack, floatcodes
 
 
 ROW_BAND_ELEMENTS = 1 << 20  # codes dequantized per band: the temporaries of a band fit in L2
@@ -178,12 +178,26 @@ class QuantizedWeight:
         return self.scale.device if self.scale is not None else torch.device("cpu")
 
     def to(self, device: str | torch.device) -> "QuantizedWeight":
-        """The same module with every tensor on `device` (codes stay lazy: moved when first used)."""
+        """The same module with every tensor on `device` (codes stay lazy: moved when first used).
+        Integer codes stored as a bit stream are unpacked on `device` from the moved stream, so only
+        the packed words cross the bus and the unpacking runs where the conversion does."""
 
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
+        moved: list[torch.Tensor] = []
+
+        def packed() -> torch.Tensor:
+            if not moved:
+                moved.append(move(self.packed_stream))
+            return moved[0]
+
         codes, dense = self._codes, self._dense
+        unpack_there = self._packed is not None and self.encoding is Encoding.INT and not torch.is_tensor(codes)
+        if unpack_there:
+            new_codes = lambda: _stream_codes(packed(), self.scheme.num_bits, self.in_features)  # noqa: E731
+        else:
+            new_codes = (lambda: move(self.codes)) if codes is not None else None
         return QuantizedWeight(
             info=self.info,
             scale=move(self.scale),
@@ -191,10 +205,10 @@ class QuantizedWeight:
             g_idx=move(self.g_idx),
             global_scale=move(self.global_scale),
             extras={k: move(v) for k, v in self.extras.items()},
-            _codes=(lambda: move(self.codes)) if codes is not None else None,
+            _codes=new_codes,
             _dense=(lambda: move(self.dense)) if dense is not None else None,
-            _packed=(lambda: move(self.packed_stream)) if self._packed is not None else None,
-            _codes_rows=(lambda a, b: move(self._codes_rows(a, b))) if self._codes_rows is not None else None,
+            _packed=packed if self._packed is not None else None,
+            _codes_rows=(lambda a, b: move(self._codes_rows(a, b))) if self._codes_rows is not None and not unpack_there else None,
         )
 
     def has_trivial_g_idx(self) -> bool:
@@ -305,3 +319,9 @@ class QuantizedWeight:
             cols = torch.arange(shape[-1], device=per_group.device) // bw
             return per_group.index_select(-2, rows).index_select(-1, cols)
         raise ValueError(f"{self.name}: cannot dequantize strategy {strat!r}")
+
+
+def _stream_codes(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Signed int8 codes from the LSB-first stream of u = q + 2^(b-1) (the packed_stream contract)."""
+    # u - 2^(b-1) wraps modulo 256 and reads back as the signed code
+    return bitpack.unpack(stream, bits, count, bitpack.STREAM).sub_(1 << (bits - 1)).view(torch.int8)

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 
+from ct_convert.bands import Bands, pieces
 from ct_convert.sink import HashingSink
 from ct_convert.tensorstore import DTYPE_NAMES
 
@@ -73,15 +74,23 @@ class SafetensorsFileWriter:
     def size(self) -> int:
         return self._sink.size
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: "torch.Tensor | Bands") -> None:
+        """The next planned tensor, whole or as row bands (a large carried tensor)."""
         spec = self.specs[self._next]
         if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(
                 f"internal error: produced {name} {tensor.dtype} {list(tensor.shape)}, "
                 f"planned {spec.name} {spec.dtype} {list(spec.shape)}"
             )
+        rows = 0
+        for band in pieces(tensor):
+            if band.dtype != spec.dtype or tuple(band.shape[1:]) != spec.shape[1:]:
+                raise RuntimeError(f"internal error: a band of {name} is {band.dtype} {list(band.shape)}, planned {list(spec.shape)}")
+            self._sink.write(_bytes(band))
+            rows += band.shape[0] if band.dim() else 1
+        if rows != (spec.shape[0] if spec.shape else 1):
+            raise RuntimeError(f"internal error: {name} got {rows} rows, planned {list(spec.shape)}")
         self._next += 1
-        self._sink.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def add_stacked(self, name: str, slices: Iterable[torch.Tensor]) -> None:
         """A tensor planned as [E, ...] written one slice [...] at a time (stacked MoE experts), so the
@@ -94,7 +103,7 @@ class SafetensorsFileWriter:
                     f"internal error: produced slice {count} of {name} {t.dtype} {list(t.shape)}, "
                     f"planned {spec.name} {spec.dtype} {list(spec.shape)}"
                 )
-            self._sink.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            self._sink.write(_bytes(t))
             count += 1
         if count != spec.shape[0]:
             raise RuntimeError(f"internal error: {name} got {count} of {spec.shape[0]} planned slices")
@@ -107,3 +116,7 @@ class SafetensorsFileWriter:
 
     def abort(self) -> None:
         self._sink.abort()
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -15,6 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from ct_convert import jsonfile
@@ -27,6 +28,9 @@ MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 # 100 MB limit can describe over 10^6 tiny tensors, each costing per-tensor work in every phase.
 MAX_TENSORS = 2**19
 MAX_RANK = 8
+# A tensor larger than this is read (and carried, cast, written, compared) as bands of whole rows of
+# about this size, never whole: Llama-3's 128k-token embedding alone is 1 GB.
+BAND_BYTES = 64 << 20
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
@@ -255,12 +259,24 @@ class TensorStore(HeaderIndex):
 
     def get(self, name: str) -> torch.Tensor:
         meta = self.meta(name)
+        return self._read(name, meta, 0, meta.shape[0] if meta.shape else 1)
+
+    def bands(self, name: str) -> Iterator[torch.Tensor]:
+        """The tensor as consecutive bands of rows (dim 0) of about BAND_BYTES each; one band when
+        it is smaller, or 0-D."""
+        meta = self.meta(name)
+        rows = meta.shape[0] if meta.shape else 1
+        step = band_rows(meta.nbytes, rows, BAND_BYTES)
+        for r0 in range(0, rows, step):
+            yield self._read(name, meta, r0, min(rows, r0 + step))
+
+    def _read(self, name: str, meta: TensorMeta, r0: int, r1: int) -> torch.Tensor:
         try:
             fd = open_regular(meta.file)
             try:
                 if _identity(os.fstat(fd)) != self._identity[meta.file]:
                     raise InputError(f"{meta.file}: replaced or resized since its header was read")
-                return read_tensor(fd, meta)
+                return read_tensor(fd, meta, r0, r1)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -274,17 +290,28 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def read_tensor(fd: int, meta: TensorMeta) -> torch.Tensor:
-    """Read one tensor's bytes at its offset into a new buffer and view them with its dtype and shape."""
-    buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+def band_rows(nbytes: int, rows: int, band_bytes: int) -> int:
+    """Rows per band for a tensor of `nbytes` in `rows` rows (at least one)."""
+    return max(1, band_bytes // max(1, nbytes // max(1, rows)))
+
+
+def read_tensor(fd: int, meta: TensorMeta, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Read a tensor's bytes (rows r0..r1 of dim 0; all of a 0-D tensor) at its offset into a new
+    buffer and view them with its dtype and shape."""
+    rows = meta.shape[0] if meta.shape else 1
+    r1 = rows if r1 is None else r1
+    row_bytes = meta.nbytes // rows if rows else 0
+    nbytes = (r1 - r0) * row_bytes
+    buf = torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
-    pos, start = 0, meta.data_start + meta.offsets[0]
-    while pos < meta.nbytes:
+    pos, start = 0, meta.data_start + meta.offsets[0] + r0 * row_bytes
+    while pos < nbytes:
         got = os.preadv(fd, [view[pos:]], start + pos)
         if got == 0:
             raise InputError(f"{meta.file}: truncated while reading (the file shrank after it was opened)")
         pos += got
-    return buf.view(DTYPES[meta.dtype][0]).reshape(meta.shape)
+    shape = (r1 - r0, *meta.shape[1:]) if meta.shape else meta.shape
+    return buf.view(DTYPES[meta.dtype][0]).reshape(shape)
 
 
 def inside(root: Path, candidate: Path) -> bool:

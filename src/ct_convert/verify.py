@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
+from ct_convert.bands import Bands, pieces
 from ct_convert.parallel import ordered_map
 from ct_convert.qweight import Encoding, QuantizedWeight
-from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
+from ct_convert.targets.reader_base import GroupCodes
 
 
 @dataclass
@@ -50,31 +52,59 @@ def compare(reader, out_reader, atol: float | None = None, progress=lambda n: No
         results.append(result)
         progress(reader.source_bytes(result.module))
     for t in reader.passthrough():
-        if reader.is_quantization_param(t):
-            continue
-        got = out_reader.tensor(t)
-        if got is None:
-            continue  # targets may rename or drop carried tensors; their readers map the ones they keep
-        ref = reader.get(t)
-        as_stored = getattr(out_reader, "as_stored", None)  # a target that stores a changed value says which
-        if as_stored is not None:
-            ref = as_stored(t, ref)
-        if _widened_equal(ref, got):
-            results.append(ModuleResult(t, 0.0, 0.0, True, True))
-        else:
-            results.append(_diff(t, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol))
+        if not reader.is_quantization_param(t):
+            results.extend(_compare_carried(reader, out_reader, t, atol))
     return results
 
 
-def _widened_equal(ref: torch.Tensor, got: torch.Tensor) -> bool:
-    """`got` holds exactly `ref`, converted to got's float dtype a band of rows at a time (an
-    embedding widened to float32 would otherwise exist twice more in memory)."""
-    if ref.dtype == got.dtype or ref.dim() == 0 or not (ref.is_floating_point() and got.is_floating_point()):
-        return bitwise_equal(ref, got)
-    if ref.shape != got.shape:
+def _compare_carried(reader, out_reader, name: str, atol: float | None) -> list[ModuleResult]:
+    """A carried tensor against its output, both read a band of rows at a time where the output
+    reader can (a 1 GB embedding is never held twice); nothing when the target dropped or renamed it
+    (targets may; their readers map the ones they keep). A target that stores a changed value
+    (Gemma-3's 1 + w norms, a cut embedding) says which through `as_stored`, applied to the source."""
+    banded = getattr(out_reader, "tensor_bands", None)
+    got = banded(name) if banded is not None else out_reader.tensor(name)
+    if got is None:
+        return []
+    stored = getattr(out_reader, "as_stored", None) or (lambda _, value: value)
+    if _carried_equal(reader, name, got, stored):
+        return [ModuleResult(name, 0.0, 0.0, True, True)]
+    ref, got = stored(name, reader.get(name)), torch.cat(list(pieces(got))) if isinstance(got, Bands) else got
+    if _widened_equal(ref, got):
+        return [ModuleResult(name, 0.0, 0.0, True, True)]
+    return [_diff(name, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol)]
+
+
+def _carried_equal(reader, name: str, got: "torch.Tensor | Bands", stored) -> bool:
+    """`got` holds exactly source tensor `name` as the target stores it, converted to got's float
+    dtype. Equal shapes mean no rows were cut, so `stored` is elementwise and applies band by band."""
+    if tuple(reader.tensor_meta(name).shape) != tuple(got.shape):
         return False
-    rows = max(1, BAND_BYTES // max(1, got[0].numel() * got.element_size()))
-    return all(bitwise_equal(ref[i:i + rows].to(got.dtype), got[i:i + rows]) for i in range(0, ref.shape[0], rows))
+    if not got.shape:
+        return _widened_equal(stored(name, reader.get(name)), next(pieces(got)))
+    return all(_widened_equal(stored(name, a), b) for a, b in _zip_rows(reader.bands(name), pieces(got)))
+
+
+def _zip_rows(a: Iterator[torch.Tensor], b: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of equally long row slices of two band sequences of the same tensor shape."""
+    x = y = None
+    while True:
+        if x is None or not x.shape[0]:
+            x = next(a, None)
+        if y is None or not y.shape[0]:
+            y = next(b, None)
+        if x is None or y is None:
+            return
+        n = min(x.shape[0], y.shape[0])
+        yield x[:n], y[:n]
+        x, y = x[n:], y[n:]
+
+
+def _widened_equal(ref: torch.Tensor, got: torch.Tensor) -> bool:
+    """`got` holds exactly `ref`, converted to got's float dtype (bit for bit where dtypes match)."""
+    if ref.dtype != got.dtype and ref.is_floating_point() and got.is_floating_point():
+        ref = ref.to(got.dtype)
+    return bitwise_equal(ref, got)
 
 
 def _compare_dequantized(name: str, source: QuantizedWeight, out_reader, atol: float | None) -> ModuleResult:

@@ -10,6 +10,7 @@ from ct_convert import __version__, console
 from ct_convert.errors import VerificationFailed
 from ct_convert.manifest import NAME as MANIFEST, encode as encode_manifest
 from ct_convert.output import OutputFolder, write_bytes_with_hash
+from ct_convert.parallel import one_torch_thread_per_worker
 from ct_convert.plan import Plan
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.source import resolve
@@ -19,6 +20,11 @@ from ct_convert.verify import compare
 
 
 def repack(source: str, output: str | Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
+    with one_torch_thread_per_worker(opts.workers):
+        return _repack(source, output, opts, revision=revision, force=force, show_progress=show_progress)
+
+
+def _repack(source: str, output: str | Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
     started = time.monotonic()
     writer = writer_for(opts.target)
     files = resolve(source, revision)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ct_convert import console, manifest
 from ct_convert.console import safe
+from ct_convert.parallel import one_torch_thread_per_worker
 from ct_convert.readers.checkpoint import open_checkpoint
 from ct_convert.targets import open_output
 from ct_convert.source import resolve
@@ -19,8 +20,9 @@ from ct_convert.verify import ModuleResult, compare
 def verify_pair(source: str, output: Path, atol: float | None, revision: str | None, show_progress: bool) -> list[ModuleResult]:
     reader = open_checkpoint(resolve(source, revision))
     out = open_output(output, reader.architecture)
-    with console.progress_bar("verify", reader.total_bytes(), show_progress) as advance:
-        return compare(reader, out, atol, progress=advance, workers=os.cpu_count() or 1)
+    workers = os.cpu_count() or 1
+    with one_torch_thread_per_worker(workers), console.progress_bar("verify", reader.total_bytes(), show_progress) as advance:
+        return compare(reader, out, atol, progress=advance, workers=workers)
 
 
 def render_results(results: list[ModuleResult]) -> None:

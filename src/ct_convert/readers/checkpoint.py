@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
@@ -61,6 +61,7 @@ class SourceReader(Protocol):
 
     def read(self, module: str) -> QuantizedWeight: ...
     def get(self, tensor: str) -> torch.Tensor: ...
+    def bands(self, tensor: str) -> Iterator[torch.Tensor]: ...
     def tensor_meta(self, tensor: str) -> TensorMeta: ...
     def source_bytes(self, module: str) -> int: ...
     def order_key(self, tensor: str) -> tuple: ...
@@ -134,6 +135,10 @@ class CompressedTensorsReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self.store.get(name)
+
+    def bands(self, name: str) -> Iterator[torch.Tensor]:
+        """A tensor as consecutive bands of rows: what carrying or comparing a large one reads."""
+        return self.store.bands(name)
 
     @staticmethod
     def is_quantization_param(name: str) -> bool:

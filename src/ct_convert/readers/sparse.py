@@ -9,6 +9,7 @@ it replaced, so that module discovery and the quantization decoders never see th
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
@@ -71,6 +72,14 @@ class SparseStore:
         if prefix is None:
             return self.base.get(name)
         return self._decode(prefix)
+
+    def bands(self, name: str) -> Iterator[torch.Tensor]:
+        """Row bands of a tensor (tensorstore's `bands`); a bitmask-compressed one is expanded whole
+        first (its expansion is bounded by the memory left) and handed out as one band."""
+        if name in self._sparse:
+            yield self.get(name)
+        else:
+            yield from self.base.bands(name)
 
     def total_bytes(self) -> int:
         return self.base.total_bytes()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert.bands import carried
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
@@ -23,6 +24,7 @@ from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
+from ct_convert.tensorstore import BAND_BYTES
 
 DENSE_FALLBACK = "dense"
 
@@ -158,7 +160,7 @@ class HFWriter(TargetWriter):
             (source,) = unit.sources
             if unit.how == CARRY:
                 (o,) = unit.outputs
-                return {o.name: exact_cast(reader.get(source), o.torch_dtype, f"tensor {source}")}
+                return {o.name: carried(reader, source, lambda t: exact_cast(t, o.torch_dtype, f"tensor {source}"), o.torch_dtype)}
             qw = reader.read(source)
             if opts.device != "cpu":
                 qw = qw.to(opts.device)
@@ -168,7 +170,9 @@ class HFWriter(TargetWriter):
                 produced = self.convert_module(reader, qw, opts)
             return {f"{source}.{k}": v for k, v in produced.items()}
 
-        return ordered_map(run, units, workers, cost=lambda u: u.source_bytes + sum(o.nbytes for o in u.outputs))
+        # a large carried tensor is read band by band as it is written: its cost is a few bands
+        return ordered_map(run, units, workers, cost=lambda u: min(u.source_bytes + sum(o.nbytes for o in u.outputs),
+                                                                   4 * BAND_BYTES if u.how == CARRY else 1 << 62))
 
     def _config(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, files: Files) -> None:
         config = json.loads(json.dumps(reader.config))

@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from ct_convert.bands import Bands, banded
 from ct_convert.source import find_index, load_json, read_index
 from ct_convert.tensorstore import TensorStore
 
@@ -26,8 +27,9 @@ class OutputReader(Protocol):
         that stores a carried tensor changed (GGUF: Gemma-3's norms as 1 + w) also has
         `as_stored(name, source)`, the value `tensor` must then equal."""
 
+    # optional: tensor_bands(name) -> Bands | None, the same read a band of rows at a time
 
-BAND_BYTES = 64 << 20  # large tensors are copied and compared this many bytes at a time
+
 
 
 def quant_method(config) -> str | None:
@@ -101,3 +103,7 @@ class HFOutputReader:
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.store.get(name) if name in self.store else None
+
+    def tensor_bands(self, name: str) -> Bands | None:
+        """`tensor`, read a band of rows at a time (what verifying a large carried tensor reads)."""
+        return banded(self.store, name) if name in self.store else None

@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 import torch
 
 from ct_convert.errors import InputError
+from ct_convert.floatcodes import all_finite
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.config import QuantArgs, QuantizationConfig, SchemeGroup
 from ct_convert.tensorstore import DTYPE_NAMES, FLOAT_DTYPES, TensorMeta
@@ -149,6 +150,6 @@ def decoder_for(fmt: str) -> Decoder:
 
 def load_scale(mt: ModuleTensors, suffix: str = "weight_scale") -> torch.Tensor:
     t = mt.get(suffix)
-    if t.is_floating_point() and t.dtype.itemsize >= 2 and not torch.isfinite(t).all():
+    if t.is_floating_point() and t.dtype.itemsize >= 2 and not all_finite(t):
         raise InputError(f"tensor {mt.tensors[suffix]}: contains NaN or Inf scales")
     return t

@@ -23,6 +23,9 @@ if tuple(AWQ_ORDER) != (0, 2, 4, 6, 1, 3, 5, 7) or sys.byteorder != "little":
     raise ImportError("ct_convert.targets.awq.writer needs a little-endian host and AutoAWQ's nibble order")
 
 
+_AWQ_ROWS = torch.tensor(AWQ_ORDER, dtype=torch.int64)
+
+
 def pack_awq(u: torch.Tensor) -> torch.Tensor:
     """uint8 codes [R, N] (any strides) -> int32 [R, N/8], packed along N in AutoAWQ's nibble order.
 
@@ -50,8 +53,10 @@ def transpose_awq(words: torch.Tensor) -> torch.Tensor:
     are never unpacked: both layouts hold the same unsigned nibbles.
     """
     n, kw = words.shape
-    blocks = words.view(n // 8, 8, kw)
-    rows = [blocks[:, o, :] for o in AWQ_ORDER]
+    # the 8 rows of every block as 8 contiguous planes [N/8, K/8] in AWQ_ORDER: the swaps then run
+    # on contiguous memory instead of rows strided 8 words apart
+    planes = words.view(n // 8, 8, kw).index_select(1, _AWQ_ROWS.to(words.device)).permute(1, 0, 2).contiguous()
+    rows = list(planes.unbind(0))
     for s, shift, mask in ((4, 16, 0x0000FFFF), (2, 8, 0x00FF00FF), (1, 4, 0x0F0F0F0F)):
         for r in range(8):
             if r & s:
@@ -59,7 +64,10 @@ def transpose_awq(words: torch.Tensor) -> torch.Tensor:
             t = ((rows[r] >> shift) ^ rows[r + s]) & mask  # arithmetic-shift sign bits fall outside the mask
             rows[r + s] = rows[r + s] ^ t
             rows[r] = rows[r] ^ (t << shift)
-    return torch.stack(rows, dim=1).permute(2, 1, 0).reshape(kw * 8, n // 8)
+    out = torch.empty(kw, 8, n // 8, dtype=torch.int32, device=words.device)
+    for r in range(8):
+        out[:, r, :] = rows[r].t()
+    return out.reshape(kw * 8, n // 8)
 
 
 class AWQWriter(IntWeightWriter):

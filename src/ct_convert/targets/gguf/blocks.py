@@ -21,6 +21,9 @@ if sys.byteorder != "little":  # torch views below read ggml's little-endian fie
     raise ImportError("ct_convert.targets.gguf.blocks needs a little-endian host")
 
 
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F  # as an int64 mask of 8 bytes
+
+
 def _blocks(t: torch.Tensor, size: int) -> torch.Tensor:
     """[..., K] -> [..., K/size, size]."""
     return t.reshape(*t.shape[:-1], t.shape[-1] // size, size)
@@ -54,17 +57,20 @@ def q4_0_from_stream(stream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     codes per byte, element 2i low): the same bytes as `q4_0(q, d)` without unpacking a code.
 
     With lo / hi the first / second 8 bytes of a block, ggml's byte 2m holds elements 2m and 2m + 16
-    (the low nibbles of lo[m] and hi[m]) and byte 2m + 1 elements 2m + 1 and 2m + 17 (their high nibbles).
+    (the low nibbles of lo[m] and hi[m]) and byte 2m + 1 elements 2m + 1 and 2m + 17 (their high
+    nibbles); both are computed for 8 bytes at once in 64-bit words, then interleaved.
     """
     *lead, n, width = stream.shape
     nb = width // 4
-    by = stream.contiguous().view(torch.uint8).reshape(*lead, n, nb, 2, 8)
-    lo, hi = by[..., 0, :], by[..., 1, :]
+    words = stream.contiguous().view(torch.int64).reshape(*lead, n, nb, 2)
+    lo, hi = words[..., 0], words[..., 1]
+    even = (lo & _LOW_NIBBLES) | ((hi & _LOW_NIBBLES) << 4)
+    odd = ((lo >> 4) & _LOW_NIBBLES) | (hi & ~_LOW_NIBBLES)
     out = torch.empty(*lead, n, nb, block_bytes("Q4_0"), dtype=torch.uint8, device=stream.device)
     out[..., :2] = _fp16_bytes(d)
     qs = out[..., 2:].unflatten(-1, (8, 2))
-    torch.bitwise_or(lo & 0xF, hi << 4, out=qs[..., 0])
-    torch.bitwise_or(lo >> 4, hi & 0xF0, out=qs[..., 1])
+    qs[..., 0] = even.unsqueeze(-1).view(torch.uint8)
+    qs[..., 1] = odd.unsqueeze(-1).view(torch.uint8)
     return _rows(out)
 
 

@@ -25,10 +25,13 @@ import torch
 
 from ct_convert import architectures
 from ct_convert.architectures import Part, vision
+from ct_convert.bands import Bands
 from ct_convert.errors import InputError
 from ct_convert.targets.gguf.facts import MMPROJ_FILE, QUANTIZED, Q4_0_ZERO, block_bytes
-from ct_convert.targets.reader_base import BAND_BYTES, GroupCodes
+from ct_convert.targets.reader_base import GroupCodes
+from ct_convert.tensorstore import BAND_BYTES, band_rows
 
+_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _ZERO_CODE = {"Q4_0": Q4_0_ZERO, "Q8_0": 128}  # integer blocks decoded to codes: the unsigned code of 0
 
 
@@ -124,7 +127,8 @@ class GGUFOutput:
                 return (qs.contiguous().view(torch.int8) ^ -128).view(torch.uint8).reshape(n, -1)  # q + 128
             return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
 
-        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales)
+        stream = _q4_0_stream(qs) if qtype == "Q4_0" else None
+        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales, stream=stream)
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         return self.tensor(f"{module}.weight")
@@ -171,6 +175,31 @@ class GGUFOutput:
                 source = source.index_select(dim, rows)
         return self.model.stored_value(name, source)
 
+    def tensor_bands(self, name: str) -> "Bands | torch.Tensor | None":
+        """`tensor`, a band of rows at a time where it is stored as one float tensor in the source's
+        row order (an embedding): then `as_stored` is elementwise on it (verify applies it per band);
+        else whole."""
+        located = self._locate(name)
+        if located is None:
+            return None
+        ((t, part), *more) = located
+        qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+        shape = _element_shape(t, None)
+        whole = more or part.select is not None or part.expert is not None or part.heads is not None or part.transpose
+        tower = self.tower is not None and (self._in_tower(name) or bool(self.tower.copies(name)))
+        if whole or tower or qtype not in _FLOATS or len(shape) < 2:
+            return self.tensor(name)  # rows moved, or read with the mmproj (F16 widened, rows it copies)
+        data = t.data.reshape(shape[0], -1)
+        step = band_rows(t.n_bytes, shape[0], BAND_BYTES)
+
+        def produce():
+            for r0 in range(0, shape[0], step):
+                band = data[r0:r0 + step].copy()
+                self._release(t)
+                yield torch.from_numpy(band).view(_FLOATS[qtype]).reshape(-1, *shape[1:])
+
+        return Bands(_FLOATS[qtype], shape, produce)
+
     def _release(self, t) -> None:
         """Unmap the pages a tensor was read from (the page cache keeps them): without this, every
         page of the memory-mapped file stays resident and the process grows to the file's size."""
@@ -206,6 +235,25 @@ class GGUFOutput:
         if qtype.name in ("F16", "F32"):
             return torch.from_numpy(self._copy(t, data)).reshape(_element_shape(t, expert))
         raise InputError(f"{t.name}: GGUF type {qtype.name} is not one ct-convert writes")
+
+
+def _q4_0_stream(qs: torch.Tensor) -> torch.Tensor:
+    """Q4_0 quant bytes [N, nb, 16] (byte j: element j low, j + 16 high) -> each row's unsigned codes as
+    an LSB-first 4-bit stream int32 [N, nb*4] (element 2i low in byte i), what verification compares
+    with the source's packed words instead of unpacking both. Byte pairs (2i, 2i + 1) are 16-bit lanes
+    of int64 words: stream byte i takes their low nibbles, byte 8 + i their high ones."""
+    n, nb, _ = qs.shape
+    p = qs.contiguous().view(torch.int64)  # [N, nb, 2]
+    low = _lane_bytes((p & 0x000F000F000F000F) | ((p >> 4) & 0x00F000F000F000F0))  # elements 0..15
+    high = _lane_bytes(((p >> 4) & 0x000F000F000F000F) | ((p >> 8) & 0x00F000F000F000F0))  # elements 16..31
+    words = torch.stack((low[..., 0] | (low[..., 1] << 32), high[..., 0] | (high[..., 1] << 32)), dim=-1)
+    return words.view(torch.int32).reshape(n, nb * 4)
+
+
+def _lane_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The low byte of each 16-bit lane of int64 words, packed into their low 4 bytes."""
+    x = (x | (x >> 8)) & 0x0000FFFF0000FFFF
+    return (x | (x >> 16)) & 0xFFFFFFFF
 
 
 def _element_shape(t, expert: int | None) -> tuple[int, ...]:

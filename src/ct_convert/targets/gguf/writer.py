@@ -23,6 +23,7 @@ import torch
 from ct_convert import architectures
 from ct_convert.architectures import vision
 from ct_convert.architectures.base import ModelBase, Part, slot
+from ct_convert.bands import carried, pieces
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
@@ -30,6 +31,7 @@ from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
 from ct_convert.targets.gguf import facts, hparams, mapping, mmproj, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
+from ct_convert.tensorstore import BAND_BYTES
 
 OUTPUT_STEM = "model"
 
@@ -393,9 +395,10 @@ class _Stream:
     def tofile(self, fp) -> None:
         written = 0
         for chunk, source_bytes in self._chunks:
-            data = chunk.contiguous().view(torch.uint8).reshape(-1).numpy()
-            fp.write(memoryview(data))
-            written += data.nbytes
+            for band in pieces(chunk):
+                data = band.contiguous().view(torch.uint8).reshape(-1).numpy()
+                fp.write(memoryview(data))
+                written += data.nbytes
             self._progress(source_bytes)
         if written != self.nbytes:
             raise AssertionError(f"wrote {written} bytes for a tensor planned at {self.nbytes}")
@@ -407,7 +410,8 @@ def _job_bytes(reader: SourceReader, unit: Unit, source: str | None) -> int:
         return 0
     sources = unit.sources if source is None else (source,)
     if unit.how == CARRY:
-        return sum(2 * reader.tensor_meta(s).nbytes for s in sources)
+        cap = 4 * BAND_BYTES if _streamed(unit) else 1 << 62
+        return sum(min(2 * reader.tensor_meta(s).nbytes, cap) for s in sources)
     return sum(4 * math.prod(reader.modules[s].shape) for s in sources)
 
 
@@ -418,14 +422,25 @@ def _produce(reader: SourceReader, unit: Unit, source: str | None) -> list[tuple
         return [(e.constant.to(torch.float32), 0) for e in unit.detail]
     part = source if source is not None else unit.sources[0]
     if unit.how == CARRY:
+        cost = reader.tensor_meta(part).nbytes
+        if _streamed(unit):
+            e = unit.detail[0]
+            return [(carried(reader, part, lambda t: _carried(part, t, e), facts.TORCH_OF[e.ggml]), cost)]
         t = reader.get(part)
         picked = [_carried(part, t, e) for e in unit.detail]
-        cost = reader.tensor_meta(part).nbytes
     else:
         qw = reader.read(part)
         picked = [_encoded(qw, e) for e in unit.detail]
         cost = reader.source_bytes(part)
     return [(chunk, cost if i == 0 else 0) for i, chunk in enumerate(picked)]
+
+
+def _streamed(unit: Unit) -> bool:
+    """A carried tensor written whole and in row order (one entry, no split): read, converted and
+    written band by band when large (a stored value such as Gemma's 1 + w is elementwise); a split
+    one is read whole."""
+    p = unit.detail[0].part
+    return len(unit.detail) == 1 and p.select is None and p.heads is None and not p.transpose
 
 
 def _carried(source: str, t: torch.Tensor, e: Entry) -> torch.Tensor:

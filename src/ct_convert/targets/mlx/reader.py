@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert.bands import Bands, banded
 from ct_convert.errors import InputError
 from ct_convert.targets.reader_base import GroupCodes, open_store
 from ct_convert.jsonfile import load_json
@@ -139,6 +140,9 @@ class MLXOutput:
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.store.get(name) if name in self.store else None
+
+    def tensor_bands(self, name: str) -> Bands | None:
+        return banded(self.store, name) if name in self.store else None
 
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert.bands import carried
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
@@ -29,6 +30,7 @@ from ct_convert.targets.mlx import facts
 from ct_convert.targets.mlx.config import mlx_config, quantization_block
 from ct_convert.targets.mlx.encode import Params, choose, data_reason, encode, specs
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
+from ct_convert.tensorstore import BAND_BYTES
 
 _HINT = "Pass --keep-unsupported dense to write such modules dequantized, or choose another --target."
 
@@ -231,7 +233,7 @@ class Writer(TargetWriter):
         dtype = m.torch_dtype
         if opts.dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
             dtype = opts.dtype
-        layout.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=2 * m.nbytes))
+        layout.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=min(2 * m.nbytes, 4 * BAND_BYTES)))
         o = tensor_output(name, dtype, m.shape)
         layout.tensors.append(OutTensor(o, dtype, [len(layout.jobs) - 1], ""))
         plan.units.append(Unit((name,), [o], CARRY, source_bytes=m.nbytes))
@@ -292,7 +294,7 @@ class Writer(TargetWriter):
     @staticmethod
     def _run(reader: SourceReader, job: Job, opts: RepackOptions) -> dict[str, torch.Tensor]:
         if job.kind == "tensor":
-            return {"": exact_cast(reader.get(job.source), job.dtype, f"tensor {job.source}")}
+            return {"": carried(reader, job.source, lambda t: exact_cast(t, job.dtype, f"tensor {job.source}"), job.dtype)}
         qw = reader.read(job.source)
         if opts.device != "cpu":
             qw = qw.to(opts.device)
