@@ -128,3 +128,20 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
     w = words & 0xFFFFFFFF
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()
+
+
+# Delta swaps: the whole-tensor integer steps that move codes between packed words without unpacking
+# them (readers turn a layout's words into the LSB-first stream with a few of these).
+def exchange(a: torch.Tensor, b: torch.Tensor, shift: int, mask: int) -> None:
+    """In place: the bits of `a` under `mask << shift` trade places with the bits of `b` under `mask`
+    (one step of a bit-matrix transpose whose rows are the words of a and b)."""
+    t = torch.bitwise_right_shift(a, shift).bitwise_xor_(b).bitwise_and_(mask)
+    b.bitwise_xor_(t)
+    a.bitwise_xor_(t.bitwise_left_shift_(shift))
+
+
+def shuffled(x: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
+    """A new tensor: `x` with, in each word, its bits under `mask` and those under `mask << shift`
+    trading places."""
+    t = torch.bitwise_right_shift(x, shift).bitwise_xor_(x).bitwise_and_(mask)
+    return torch.bitwise_xor(x, t).bitwise_xor_(t.bitwise_left_shift_(shift))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert import bitpack
 from ct_convert.errors import InputError
 from ct_convert.targets.marlin.facts import QUANT_METHOD, ZERO, scale_order
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
@@ -36,6 +37,28 @@ def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
     return out.reshape(64 * nt, 16 * kt).t()
 
 
+def marlin_stream(b: torch.Tensor) -> torch.Tensor:
+    """B int32 [K/16, 2N] -> int32 [N, K/8]: each column's codes as an LSB-first 4-bit stream along K
+    (code k in nibble k % 8 of word k // 8), what verification compares with the source's packed
+    words instead of unpacking both.
+
+    From the same closed form as `unpack_marlin`: stream word 2kt + h of column 16w + 8f + a holds,
+    in nibble 2c + e, nibble 4e + 2f + h of tile word (a, c, w). Two delta swaps inside each word
+    put nibbles e = 0, 1 side by side in byte 2f + h; a 4 x 4 byte transpose across the words
+    c = 0..3 (two delta-swap steps) then leaves byte c in word 2f + h; one copy orders the words.
+    """
+    kt, words = b.shape
+    nt = words // 128
+    x = b.reshape(kt, nt, 8, 4, 4)  # [kt, nt, a, c, w]
+    x = bitpack.shuffled(bitpack.shuffled(x, 8, 0x0000FF00), 4, 0x00F000F0)  # nibble 4e + q -> 2q + e
+    for half, mask in ((2, 0x0000FFFF), (1, 0x00FF00FF)):
+        v = x.view(kt, nt, 8, 2 // half, 2, half, 4)
+        bitpack.exchange(v[:, :, :, :, 0], v[:, :, :, :, 1], 8 * half, mask)
+    out = torch.empty(nt, 4, 2, 8, kt, 2, dtype=torch.int32, device=b.device)  # [nt, w, f, a, kt, h]
+    out.copy_(x.view(kt, nt, 8, 2, 2, 4).permute(1, 5, 3, 2, 0, 4))
+    return out.view(64 * nt, 2 * kt)
+
+
 class MarlinOutput(HFOutputReader):
     working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
@@ -52,7 +75,8 @@ class MarlinOutput(HFOutputReader):
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
         src = torch.argsort(scale_order(g))  # the stored column of each original column
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        return GroupCodes(lambda: unpack_marlin(b).t(), torch.full((g, n), ZERO, dtype=torch.int16), s)
+        zeros = torch.full((g, n), ZERO, dtype=torch.int16)
+        return GroupCodes(lambda: unpack_marlin(b).t(), zeros, s, stream=marlin_stream(b))
 
 
 def detect(folder: Path, config) -> bool:
