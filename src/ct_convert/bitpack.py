@@ -135,13 +135,26 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
 def exchange(a: torch.Tensor, b: torch.Tensor, shift: int, mask: int) -> None:
     """In place: the bits of `a` under `mask << shift` trade places with the bits of `b` under `mask`
     (one step of a bit-matrix transpose whose rows are the words of a and b)."""
-    t = torch.bitwise_right_shift(a, shift).bitwise_xor_(b).bitwise_and_(mask)
-    b.bitwise_xor_(t)
-    a.bitwise_xor_(t.bitwise_left_shift_(shift))
+    t = (a >> shift).bitwise_xor_(b).bitwise_and_(mask)  # operators: torch's scalar shift functions are slower
+    b ^= t
+    t <<= shift
+    a ^= t
 
 
-def shuffled(x: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
-    """A new tensor: `x` with, in each word, its bits under `mask` and those under `mask << shift`
-    trading places."""
-    t = torch.bitwise_right_shift(x, shift).bitwise_xor_(x).bitwise_and_(mask)
-    return torch.bitwise_xor(x, t).bitwise_xor_(t.bitwise_left_shift_(shift))
+def shuffle(x: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
+    """In place, and returned: in each word of `x`, its bits under `mask` and those under
+    `mask << shift` trade places."""
+    t = (x >> shift).bitwise_xor_(x).bitwise_and_(mask)
+    x ^= t
+    t <<= shift
+    return x.bitwise_xor_(t)
+
+
+def reordered(out: torch.Tensor, words: torch.Tensor, dim: int) -> torch.Tensor:
+    """out.copy_(words), where `words` views a contiguous tensor with its dimensions reordered and `dim`
+    is its outermost one there: copied in slices along `dim` of about 256 KB each, since a transposing
+    copy done whole misses the cache on nearly every word."""
+    step = max(1, (1 << 18) // max(1, words.stride(dim) * words.element_size()))
+    for a in range(0, out.shape[dim], step):
+        out.narrow(dim, a, min(step, out.shape[dim] - a)).copy_(words.narrow(dim, a, min(step, out.shape[dim] - a)))
+    return out

@@ -46,8 +46,7 @@ def awq_stream(words: torch.Tensor) -> torch.Tensor:
         v = x.view(k // 8, 4 // half, 2, half, c)
         bitpack.exchange(v[:, :, 0], v[:, :, 1], 4 * half, mask)
     out = torch.empty(c, 4, 2, k // 8, dtype=torch.int32, device=words.device)  # [c, i', m, w]
-    out.copy_(x.view(k // 8, 2, 4, c).permute(3, 2, 1, 0))
-    return out.view(8 * c, k // 8)
+    return bitpack.reordered(out, x.view(k // 8, 2, 4, c).permute(3, 2, 1, 0), 3).view(8 * c, k // 8)
 
 
 class AWQOutput(HFOutputReader):

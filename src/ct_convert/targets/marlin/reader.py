@@ -43,20 +43,23 @@ def marlin_stream(b: torch.Tensor) -> torch.Tensor:
     words instead of unpacking both.
 
     From the same closed form as `unpack_marlin`: stream word 2kt + h of column 16w + 8f + a holds,
-    in nibble 2c + e, nibble 4e + 2f + h of tile word (a, c, w). Two delta swaps inside each word
-    put nibbles e = 0, 1 side by side in byte 2f + h; a 4 x 4 byte transpose across the words
-    c = 0..3 (two delta-swap steps) then leaves byte c in word 2f + h; one copy orders the words.
+    in nibble 2c + e, nibble 4e + 2f + h of tile word (a, c, w). The tile words are first put in
+    [nt, w, a, kt, c] order, so that words c = 0..3 are two int64s (c0|c1, c2|c3). Two delta swaps
+    inside each word put nibbles e = 0, 1 side by side in byte 2f + h; a 4 x 4 byte transpose across
+    the words c (two delta swaps: between the int64s, then inside each) leaves byte c in word 2f + h,
+    and one last copy moves f out of the innermost pair.
     """
     kt, words = b.shape
     nt = words // 128
-    x = b.reshape(kt, nt, 8, 4, 4)  # [kt, nt, a, c, w]
-    x = bitpack.shuffled(bitpack.shuffled(x, 8, 0x0000FF00), 4, 0x00F000F0)  # nibble 4e + q -> 2q + e
-    for half, mask in ((2, 0x0000FFFF), (1, 0x00FF00FF)):
-        v = x.view(kt, nt, 8, 2 // half, 2, half, 4)
-        bitpack.exchange(v[:, :, :, :, 0], v[:, :, :, :, 1], 8 * half, mask)
-    out = torch.empty(nt, 4, 2, 8, kt, 2, dtype=torch.int32, device=b.device)  # [nt, w, f, a, kt, h]
-    out.copy_(x.view(kt, nt, 8, 2, 2, 4).permute(1, 5, 3, 2, 0, 4))
-    return out.view(64 * nt, 2 * kt)
+    x = torch.empty(nt, 4, 8, kt, 4, dtype=torch.int32, device=b.device)  # [nt, w, a, kt, c]
+    bitpack.reordered(x, b.reshape(kt, nt, 8, 4, 4).permute(1, 4, 2, 0, 3), 3)
+    q = x.view(torch.int64)  # [nt, w, a, kt, 2]
+    bitpack.shuffle(bitpack.shuffle(q, 8, 0x0000FF000000FF00), 4, 0x00F000F000F000F0)  # nibble 4e + fh -> 2fh + e
+    bitpack.exchange(q[..., 0], q[..., 1], 16, 0x0000FFFF0000FFFF)  # half words: c0 <-> c2, c1 <-> c3
+    bitpack.shuffle(q, 24, 0xFF00FF00)  # bytes: c0 <-> c1, c2 <-> c3
+    out = torch.empty(nt, 4, 2, 8, kt, dtype=torch.int64, device=b.device)  # [nt, w, f, a, kt] of (h = 0 | h = 1)
+    out.copy_(q.view(nt, 4, 8, kt, 2).permute(0, 1, 4, 2, 3))
+    return out.view(torch.int32).view(64 * nt, 2 * kt)
 
 
 class MarlinOutput(HFOutputReader):
