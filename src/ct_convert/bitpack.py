@@ -131,23 +131,33 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 # Delta swaps: the whole-tensor integer steps that move codes between packed words without unpacking
-# them (readers turn a layout's words into the LSB-first stream with a few of these).
-def exchange(a: torch.Tensor, b: torch.Tensor, shift: int, mask: int) -> None:
+# them (readers turn a layout's words into the LSB-first stream with a few of these). Each takes a
+# scratch tensor to work in: a fresh temporary per step costs more in page faults than the step itself.
+def exchange(a: torch.Tensor, b: torch.Tensor, shift: int, mask: int, scratch: torch.Tensor) -> None:
     """In place: the bits of `a` under `mask << shift` trade places with the bits of `b` under `mask`
-    (one step of a bit-matrix transpose whose rows are the words of a and b)."""
-    t = (a >> shift).bitwise_xor_(b).bitwise_and_(mask)  # operators: torch's scalar shift functions are slower
+    (one step of a bit-matrix transpose whose rows are the words of a and b). `scratch`: contiguous,
+    a's dtype, at least a's size."""
+    t = torch.bitwise_right_shift(a, shift, out=_part(scratch, a))
+    t ^= b
+    t &= mask
     b ^= t
     t <<= shift
     a ^= t
 
 
-def shuffle(x: torch.Tensor, shift: int, mask: int) -> torch.Tensor:
+def shuffle(x: torch.Tensor, shift: int, mask: int, scratch: torch.Tensor) -> torch.Tensor:
     """In place, and returned: in each word of `x`, its bits under `mask` and those under
-    `mask << shift` trade places."""
-    t = (x >> shift).bitwise_xor_(x).bitwise_and_(mask)
+    `mask << shift` trade places. `scratch` as for `exchange`."""
+    t = torch.bitwise_right_shift(x, shift, out=_part(scratch, x))
+    t ^= x
+    t &= mask
     x ^= t
     t <<= shift
     return x.bitwise_xor_(t)
+
+
+def _part(scratch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scratch.view(-1)[: like.numel()].view(like.shape)
 
 
 def reordered(out: torch.Tensor, words: torch.Tensor, dim: int) -> torch.Tensor:

@@ -42,10 +42,10 @@ def awq_stream(words: torch.Tensor) -> torch.Tensor:
     """
     k, c = words.shape
     x = words.reshape(k // 8, 8, c).clone()  # [w, i, c]; the clone is transposed in place
+    out = torch.empty(c, 4, 2, k // 8, dtype=torch.int32, device=words.device)  # [c, i', m, w]; scratch until then
     for half, mask in ((4, 0x0000FFFF), (2, 0x00FF00FF), (1, 0x0F0F0F0F)):
         v = x.view(k // 8, 4 // half, 2, half, c)
-        bitpack.exchange(v[:, :, 0], v[:, :, 1], 4 * half, mask)
-    out = torch.empty(c, 4, 2, k // 8, dtype=torch.int32, device=words.device)  # [c, i', m, w]
+        bitpack.exchange(v[:, :, 0], v[:, :, 1], 4 * half, mask, out)
     return bitpack.reordered(out, x.view(k // 8, 2, 4, c).permute(3, 2, 1, 0), 3).view(8 * c, k // 8)
 
 

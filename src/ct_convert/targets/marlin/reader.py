@@ -54,10 +54,10 @@ def marlin_stream(b: torch.Tensor) -> torch.Tensor:
     x = torch.empty(nt, 4, 8, kt, 4, dtype=torch.int32, device=b.device)  # [nt, w, a, kt, c]
     bitpack.reordered(x, b.reshape(kt, nt, 8, 4, 4).permute(1, 4, 2, 0, 3), 3)
     q = x.view(torch.int64)  # [nt, w, a, kt, 2]
-    bitpack.shuffle(bitpack.shuffle(q, 8, 0x0000FF000000FF00), 4, 0x00F000F000F000F0)  # nibble 4e + fh -> 2fh + e
-    bitpack.exchange(q[..., 0], q[..., 1], 16, 0x0000FFFF0000FFFF)  # half words: c0 <-> c2, c1 <-> c3
-    bitpack.shuffle(q, 24, 0xFF00FF00)  # bytes: c0 <-> c1, c2 <-> c3
-    out = torch.empty(nt, 4, 2, 8, kt, dtype=torch.int64, device=b.device)  # [nt, w, f, a, kt] of (h = 0 | h = 1)
+    out = torch.empty(nt, 4, 2, 8, kt, dtype=torch.int64, device=b.device)  # [nt, w, f, a, kt] of (h = 0 | h = 1); scratch until then
+    bitpack.shuffle(bitpack.shuffle(q, 8, 0x0000FF000000FF00, out), 4, 0x00F000F000F000F0, out)  # nibble 4e + fh -> 2fh + e
+    bitpack.exchange(q[..., 0], q[..., 1], 16, 0x0000FFFF0000FFFF, out)  # half words: c0 <-> c2, c1 <-> c3
+    bitpack.shuffle(q, 24, 0xFF00FF00, out)  # bytes: c0 <-> c1, c2 <-> c3
     out.copy_(q.view(nt, 4, 8, kt, 2).permute(0, 1, 4, 2, 3))
     return out.view(torch.int32).view(64 * nt, 2 * kt)
 

@@ -40,8 +40,8 @@ def awq_stream(w: torch.Tensor) -> torch.Tensor:
     them. Flipping each nibble's top bit makes the signed codes unsigned (+8).
     """
     half, k = w.shape
-    lanes = bitpack.shuffle((w.view(torch.uint8) ^ 0x88).view(torch.int64), 4, 0x00F000F000F000F0)
-    out = torch.empty(half, 2, k // 2, dtype=torch.uint8, device=w.device)
+    out = torch.empty(half, 2, k // 2, dtype=torch.uint8, device=w.device)  # scratch until the last copy
+    lanes = bitpack.shuffle((w.view(torch.uint8) ^ 0x88).view(torch.int64), 4, 0x00F000F000F000F0, out.view(-1).view(torch.int64))
     out.copy_(lanes.view(torch.uint8).view(half, k // 2, 2).transpose(1, 2))
     return out.view(torch.int32).view(2 * half, k // 8)
 
