@@ -97,6 +97,8 @@ def _flip(path, tensor, index, xor):
         ("w4a16-asym-g128", "awq", "scales", 0x1),  # one ulp of one scale
         ("marlin-ok-w4a16", "marlin", "B", 0x1000),
         ("w3a16-g128", "mlx", "weight", 0x40),  # one bit of a 3-bit code
+        ("w4a16-g128", "trtllm", "weight", 0x10),  # the high nibble: a code of an odd row
+        ("w4a16-g128", "trtllm", "weight_scale", 0x1),
     ],
 )
 def test_a_changed_code_zero_or_scale_is_found(cli, tmp_path, fixture, target, suffix, xor):
@@ -160,7 +162,8 @@ def test_bitwise_equal():
 
 _FLIP_CASES = {"gptq": ("w4a16-asym-g128", ("qweight", "qzeros", "scales")),
                "awq": ("w4a16-asym-g128", ("qweight", "qzeros", "scales")),
-               "marlin": ("marlin-ok-w4a16", ("B", "s"))}
+               "marlin": ("marlin-ok-w4a16", ("B", "s")),
+               "trtllm": ("w4a16-g128", ("weight", "weight_scale", "pre_quant_scale"))}
 @pytest.fixture(scope="module")
 def flip_outputs(tmp_path_factory):
     """One repacked output per target, shared by the hypothesis examples (built on first use)."""
@@ -190,7 +193,7 @@ def test_no_single_bit_flip_in_a_quantized_tensor_goes_unseen(flip_outputs, targ
 
     reader, out = flip_outputs(target)
     store = open_store(out)
-    names = sorted(n for n in store.names if n.rsplit(".", 1)[1] in _FLIP_CASES[target][1])
+    names = sorted(n for n in store.names if n.rsplit(".", 1)[1] in _FLIP_CASES[target][1] and n.rsplit(".", 1)[0] in reader.modules)
     name = names[pick % len(names)]
     meta = store.meta(name)
     store.close()
@@ -209,13 +212,17 @@ def test_no_single_bit_flip_in_a_quantized_tensor_goes_unseen(flip_outputs, targ
     assert bad == [name.rsplit(".", 1)[0]]
 
 
-@pytest.mark.parametrize("fixture", ["w4a16-g128", "gguf/qwen3moe-w4a16"])
-def test_gguf_q4_0_stream_is_the_codes_packed_lsb_first(cli, tmp_path, fixture):
-    """The GGUF reader's Q4_0 stream (compared with the source's packed words instead of unpacking
-    both) is its own unpacked codes packed as an LSB-first 4-bit stream, and equals the source's."""
+@pytest.mark.parametrize(
+    "fixture,target",
+    [("w4a16-g128", "gguf"), ("gguf/qwen3moe-w4a16", "gguf"), ("w4a16-asym-g128", "awq"),
+     ("marlin-ok-w4a16", "marlin"), ("w4a16-g128", "trtllm"), ("moe-w4a16", "trtllm")],
+)
+def test_reader_streams_are_the_codes_packed_lsb_first(cli, tmp_path, fixture, target):
+    """A reader's 4-bit stream (compared with the source's packed words instead of unpacking both) is
+    its own unpacked codes packed as an LSB-first 4-bit stream, and equals the source's."""
     from ct_convert import bitpack
 
-    reader, out = _repack(cli, tmp_path, fixture, "gguf")
+    reader, out = _repack(cli, tmp_path, fixture, target)
     out_reader = open_output(out)
     checked = 0
     for name in reader.modules:
@@ -226,3 +233,82 @@ def test_gguf_q4_0_stream_is_the_codes_packed_lsb_first(cli, tmp_path, fixture):
         assert bitwise_equal(decoded.stream, reader.read(name).packed_stream), name
         checked += 1
     assert checked
+    if target != "gguf":  # every module of these all-4-bit sources is compared through its stream
+        assert checked == sum(i.is_quantized for i in reader.modules.values())
+
+
+def _stream_by_hand(u):
+    """uint8 codes [N, K] -> int32 [N, K/8]: code k in nibble k % 8 of word k // 8, from Python ints."""
+    n, k = u.shape
+    words = [[sum(int(u[r, 8 * w + i]) << 4 * i for i in range(8)) for w in range(k // 8)] for r in range(n)]
+    return _int32(words)
+
+
+def _int32(values):
+    x = torch.tensor(values, dtype=torch.int64)
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def test_awq_stream_by_hand():
+    """targets.md §2.2: nibble p of qweight word (k, c) holds column 8c + [0, 2, 4, 6, 1, 3, 5, 7][p]."""
+    from ct_convert.targets.awq.reader import awq_stream
+
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    u = torch.randint(0, 16, (24, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)  # [N, K]
+    qweight = _int32([[sum(int(u[8 * c + order[p], k]) << 4 * p for p in range(8)) for c in range(3)] for k in range(32)])
+    assert bitwise_equal(awq_stream(qweight), _stream_by_hand(u))
+
+
+def test_marlin_stream_by_hand():
+    """targets.md §1.2's closed form: word 128nt + 4t + w of row kt holds, nibble 0 first, the codes at
+    (k0,n0) (k0+8,n0) (k0,n0+8) (k0+8,n0+8) (k0+1,n0) (k0+9,n0) (k0+1,n0+8) (k0+9,n0+8), with
+    k0 = 16kt + 2(t % 4), n0 = 64nt + 16w + t // 4; checked against the spec's test vector first."""
+    from ct_convert.targets.marlin.reader import marlin_stream
+
+    def build(u):  # u [K, N]
+        kts, nts = u.shape[0] // 16, u.shape[1] // 64
+        rows = []
+        for kt in range(kts):
+            row = [0] * (128 * nts)
+            for nt in range(nts):
+                for t in range(32):
+                    for w in range(4):
+                        k0, n0 = 16 * kt + 2 * (t % 4), 64 * nt + 16 * w + t // 4
+                        at = [(0, 0), (8, 0), (0, 8), (8, 8), (1, 0), (9, 0), (1, 8), (9, 8)]
+                        row[128 * nt + 4 * t + w] = sum(int(u[k0 + dk, n0 + dn]) << 4 * j for j, (dk, dn) in enumerate(at))
+            rows.append(row)
+        return _int32(rows)
+
+    k, n = torch.meshgrid(torch.arange(16), torch.arange(64), indexing="ij")
+    vector = build((37 * k + 11 * n + (k * n) % 13) % 16)
+    expect = [0xC5D5C880, 0xD8E8A830, 0xEEFB8810, 0xF10E68F0, 0x927FC52A, 0x3EE80B60, 0xAA8444A6, 0x43F0BAEF]
+    assert vector[0, :8].tolist() == _int32([expect]).tolist()[0]
+    assert vector[0, 124:].tolist() == _int32([[0x499ADFAE, 0xA1F507D3, 0x3C803C3B, 0x94E86460]]).tolist()[0]
+    u = torch.randint(0, 16, (32, 128), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)  # [K, N]
+    assert bitwise_equal(marlin_stream(build(u)), _stream_by_hand(u.t()))
+
+
+def test_modelopt_awq_stream_by_hand():
+    """W4A16_AWQ weight byte (j, k): row 2j's signed code (u - 8) in the low nibble, row 2j + 1's in the high."""
+    from ct_convert.targets.modelopt.reader import awq_stream
+
+    u = torch.randint(0, 16, (6, 24), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)  # [N, K]
+    w = [[((int(u[2 * j, k]) - 8) & 0xF) | (((int(u[2 * j + 1, k]) - 8) & 0xF) << 4) for k in range(24)] for j in range(3)]
+    assert bitwise_equal(awq_stream(torch.tensor(w, dtype=torch.uint8)), _stream_by_hand(u))
+
+
+@pytest.mark.parametrize(
+    "fixture,target,tensor,xor",
+    [("w4a16-asym-g128", "awq", "qweight", 0x10), ("marlin-ok-w4a16", "marlin", "B", 0x100),
+     ("w4a16-g128", "trtllm", "weight", 0x01)],
+)
+def test_verify_finds_one_changed_code(cli, tmp_path, fixture, target, tensor, xor):
+    """One code of one module changed in the output: `verify` exits 1 and names that module alone."""
+    _, out = _repack(cli, tmp_path, fixture, target)
+    assert cli("verify", FIXTURES / fixture, out).code == 0
+    module = "model.layers.0.mlp.down_proj"
+    name = f"{module}.{tensor}"
+    _flip(next(p for p in out.glob("*.safetensors") if name in load_file(p)), name, 5, xor)
+    r = cli("verify", FIXTURES / fixture, out, "--json")
+    assert r.code == 1
+    assert [m["module"] for m in r.json()["results"] if not m["ok"]] == [module]

@@ -128,3 +128,43 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
     w = words & 0xFFFFFFFF
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()
+
+
+# Delta swaps: the whole-tensor integer steps that move codes between packed words without unpacking
+# them (readers turn a layout's words into the LSB-first stream with a few of these). Each takes a
+# scratch tensor to work in: a fresh temporary per step costs more in page faults than the step itself.
+def exchange(a: torch.Tensor, b: torch.Tensor, shift: int, mask: int, scratch: torch.Tensor) -> None:
+    """In place: the bits of `a` under `mask << shift` trade places with the bits of `b` under `mask`
+    (one step of a bit-matrix transpose whose rows are the words of a and b). `scratch`: contiguous,
+    a's dtype, at least a's size."""
+    t = torch.bitwise_right_shift(a, shift, out=_part(scratch, a))
+    t ^= b
+    t &= mask
+    b ^= t
+    t <<= shift
+    a ^= t
+
+
+def shuffle(x: torch.Tensor, shift: int, mask: int, scratch: torch.Tensor) -> torch.Tensor:
+    """In place, and returned: in each word of `x`, its bits under `mask` and those under
+    `mask << shift` trade places. `scratch` as for `exchange`."""
+    t = torch.bitwise_right_shift(x, shift, out=_part(scratch, x))
+    t ^= x
+    t &= mask
+    x ^= t
+    t <<= shift
+    return x.bitwise_xor_(t)
+
+
+def _part(scratch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scratch.view(-1)[: like.numel()].view(like.shape)
+
+
+def reordered(out: torch.Tensor, words: torch.Tensor, dim: int) -> torch.Tensor:
+    """out.copy_(words), where `words` views a contiguous tensor with its dimensions reordered and `dim`
+    is its outermost one there: copied in slices along `dim` of about 256 KB each, since a transposing
+    copy done whole misses the cache on nearly every word."""
+    step = max(1, (1 << 18) // max(1, words.stride(dim) * words.element_size()))
+    for a in range(0, out.shape[dim], step):
+        out.narrow(dim, a, min(step, out.shape[dim] - a)).copy_(words.narrow(dim, a, min(step, out.shape[dim] - a)))
+    return out

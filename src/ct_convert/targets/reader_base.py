@@ -57,7 +57,9 @@ class GroupCodes:
     zeros: torch.Tensor  # integer [G, N]
     scales: torch.Tensor  # float [G, N]
     cols: torch.Tensor | None = None  # int64 [K]: g(k); None means k // (K / G)
-    stream: torch.Tensor | None = None  # int32 [N, W]: each row of u as an LSB-first bit stream, where stored so
+    # int32 [N, W]: each row of u as an LSB-first bit stream, where stored so or cheaper to derive than
+    # u (verification then compares it with the source's packed words by bytes)
+    stream: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(self.unpack(), self.zeros, self.scales, self.cols)

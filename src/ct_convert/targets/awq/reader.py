@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert import bitpack
 from ct_convert.errors import InputError
 from ct_convert.targets.awq.facts import QUANT_METHOD
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
@@ -29,6 +30,25 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
     return out.reshape(8 * w, r).t()
 
 
+def awq_stream(words: torch.Tensor) -> torch.Tensor:
+    """qweight int32 [K, N/8] -> int32 [N, K/8]: each column's codes as an LSB-first 4-bit stream
+    along K (code k in nibble k % 8 of word k // 8), what verification compares with the source's
+    packed words instead of unpacking both. K must be a multiple of 8.
+
+    Each 8 x 8 block of nibbles (rows 8w + i, word column c; nibble p = 4m + i' holds column
+    8c + 2i' + m) is transposed across its 8 words in three delta-swap steps (4 x 4, 2 x 2, 1 x 1
+    nibble blocks), which leaves in word p of the block the stream word w of column 8c + 2i' + m;
+    one copy then puts the words in [column, word] order.
+    """
+    k, c = words.shape
+    x = words.reshape(k // 8, 8, c).clone()  # [w, i, c]; the clone is transposed in place
+    out = torch.empty(c, 4, 2, k // 8, dtype=torch.int32, device=words.device)  # [c, i', m, w]; scratch until then
+    for half, mask in ((4, 0x0000FFFF), (2, 0x00FF00FF), (1, 0x0F0F0F0F)):
+        v = x.view(k // 8, 4 // half, 2, half, c)
+        bitpack.exchange(v[:, :, 0], v[:, :, 1], 4 * half, mask, out)
+    return bitpack.reordered(out, x.view(k // 8, 2, 4, c).permute(3, 2, 1, 0), 3).view(8 * c, k // 8)
+
+
 class AWQOutput(HFOutputReader):
     working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
@@ -46,7 +66,8 @@ class AWQOutput(HFOutputReader):
         gs = k if gs == -1 else gs
         if s.shape[0] * gs != k or z.shape != s.shape or 8 * qweight.shape[1] != s.shape[1]:
             raise InputError(f"{module}: scales {list(s.shape)} / qzeros do not fit qweight {list(qweight.shape)} with group size {gs}")
-        return GroupCodes(lambda: unpack_awq(qweight).t(), z.to(torch.int16), s)
+        stream = awq_stream(qweight) if k % 8 == 0 else None
+        return GroupCodes(lambda: unpack_awq(qweight).t(), z.to(torch.int16), s, stream=stream)
 
 
 def detect(folder: Path, config) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert import bitpack
 from ct_convert.errors import InputError
 from ct_convert.targets.marlin.facts import QUANT_METHOD, ZERO, scale_order
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, quant_method
@@ -36,6 +37,31 @@ def unpack_marlin(b: torch.Tensor) -> torch.Tensor:
     return out.reshape(64 * nt, 16 * kt).t()
 
 
+def marlin_stream(b: torch.Tensor) -> torch.Tensor:
+    """B int32 [K/16, 2N] -> int32 [N, K/8]: each column's codes as an LSB-first 4-bit stream along K
+    (code k in nibble k % 8 of word k // 8), what verification compares with the source's packed
+    words instead of unpacking both.
+
+    From the same closed form as `unpack_marlin`: stream word 2kt + h of column 16w + 8f + a holds,
+    in nibble 2c + e, nibble 4e + 2f + h of tile word (a, c, w). The tile words are first put in
+    [nt, w, a, kt, c] order, so that words c = 0..3 are two int64s (c0|c1, c2|c3). Two delta swaps
+    inside each word put nibbles e = 0, 1 side by side in byte 2f + h; a 4 x 4 byte transpose across
+    the words c (two delta swaps: between the int64s, then inside each) leaves byte c in word 2f + h,
+    and one last copy moves f out of the innermost pair.
+    """
+    kt, words = b.shape
+    nt = words // 128
+    x = torch.empty(nt, 4, 8, kt, 4, dtype=torch.int32, device=b.device)  # [nt, w, a, kt, c]
+    bitpack.reordered(x, b.reshape(kt, nt, 8, 4, 4).permute(1, 4, 2, 0, 3), 3)
+    q = x.view(torch.int64)  # [nt, w, a, kt, 2]
+    out = torch.empty(nt, 4, 2, 8, kt, dtype=torch.int64, device=b.device)  # [nt, w, f, a, kt] of (h = 0 | h = 1); scratch until then
+    bitpack.shuffle(bitpack.shuffle(q, 8, 0x0000FF000000FF00, out), 4, 0x00F000F000F000F0, out)  # nibble 4e + fh -> 2fh + e
+    bitpack.exchange(q[..., 0], q[..., 1], 16, 0x0000FFFF0000FFFF, out)  # half words: c0 <-> c2, c1 <-> c3
+    bitpack.shuffle(q, 24, 0xFF00FF00, out)  # bytes: c0 <-> c1, c2 <-> c3
+    out.copy_(q.view(nt, 4, 8, kt, 2).permute(0, 1, 4, 2, 3))
+    return out.view(torch.int32).view(64 * nt, 2 * kt)
+
+
 class MarlinOutput(HFOutputReader):
     working_bytes_per_weight = 4  # one byte per code on each side, then a few temporaries
 
@@ -52,7 +78,8 @@ class MarlinOutput(HFOutputReader):
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
         src = torch.argsort(scale_order(g))  # the stored column of each original column
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        return GroupCodes(lambda: unpack_marlin(b).t(), torch.full((g, n), ZERO, dtype=torch.int16), s)
+        zeros = torch.full((g, n), ZERO, dtype=torch.int16)
+        return GroupCodes(lambda: unpack_marlin(b).t(), zeros, s, stream=marlin_stream(b))
 
 
 def detect(folder: Path, config) -> bool:
