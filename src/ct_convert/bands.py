@@ -37,6 +37,12 @@ def carried(reader, name: str, convert: Callable[[torch.Tensor], torch.Tensor], 
     return Bands(dtype, tuple(meta.shape), lambda: (convert(b) for b in reader.bands(name)))
 
 
+def streamed_cost(nbytes: int) -> int:
+    """The working memory `ordered_map` budgets for carrying a tensor whose whole would cost `nbytes`:
+    `carried` streams it, so a few bands at most."""
+    return min(nbytes, 4 * tensorstore.BAND_BYTES)
+
+
 def banded(store, name: str) -> Bands:
     """A tensor of a TensorStore, as Bands read on demand."""
     meta = store.meta(name)

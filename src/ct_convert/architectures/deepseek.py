@@ -194,8 +194,6 @@ class DeepseekV2Model(ModelBase):
         return super().is_dropped(hf_name)
 
     def modify_tensors(self, hf_name: str) -> list[Part] | None:
-        if hf_name.endswith("e_score_correction_bias"):
-            hf_name = hf_name.removesuffix("_bias") + ".bias"
         if not hf_name.endswith("self_attn.kv_b_proj.weight"):
             return super().modify_tensors(hf_name)
         # [n_head · (nope + v), kv_lora] viewed per head: the nope K rows, transposed, become attn_k_b

@@ -50,14 +50,11 @@ class Glm4MoeModel(ModelBase):
         if config.get("topk_group") is not None:
             w.add_expert_group_used_count(int(config["topk_group"]))
         w.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
-        if config.get("n_shared_experts") is not None:
-            w.add_expert_shared_count(int(config["n_shared_experts"]))
-        if config.get("first_k_dense_replace") is not None:
-            w.add_leading_dense_block_count(int(config["first_k_dense_replace"]))
+        # check_config requires these (llama.cpp's converter writes each whenever present)
+        w.add_expert_shared_count(int(config["n_shared_experts"]))
+        w.add_leading_dense_block_count(int(config["first_k_dense_replace"]))
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)  # whatever scoring_func says: GLM routes by sigmoid
-        if config.get("routed_scaling_factor") is not None:
-            w.add_expert_weights_scale(float(config["routed_scaling_factor"]))
-        if config.get("norm_topk_prob") is not None:
-            w.add_expert_weights_norm(bool(config["norm_topk_prob"]))
+        w.add_expert_weights_scale(float(config["routed_scaling_factor"]))
+        w.add_expert_weights_norm(bool(config["norm_topk_prob"]))
         if config.get(self.mtp_key) is not None:
             w.add_nextn_predict_layers(int(config[self.mtp_key]))

@@ -63,6 +63,3 @@ class Mistral3Model(LlamaModel):
     gguf_arch = gguf.MODEL_ARCH.MISTRAL3
     trtllm_legacy = None
     towers = ("vision_tower.", "multi_modal_projector.")
-
-    def modify_tensors(self, hf_name: str):
-        return super().modify_tensors(hf_name.removeprefix("language_model."))

@@ -20,7 +20,8 @@ from typing import Callable
 import gguf
 import torch
 
-from ct_convert.architectures.base import Part, rope_rows
+from ct_convert.architectures import hf_architecture
+from ct_convert.architectures.base import ModelBase, Part, rope_rows
 from ct_convert.architectures.gemma import norm_plus_one
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.jsonfile import load_json
@@ -40,8 +41,7 @@ def register(*hf_names: str):
 
 def lookup(config: dict) -> type["VisionTower"] | None:
     """The tower class of config.json's architecture, or None when none is registered."""
-    archs = config.get("architectures") or []
-    return VISION.get(archs[0]) if archs else None
+    return VISION.get(hf_architecture(config))
 
 
 def in_tower(model, cls: type["VisionTower"] | None, hf_name: str) -> bool:
@@ -107,7 +107,7 @@ class VisionTower:
 
     @property
     def text_hidden(self):
-        return {**self.config, **(self.config.get("text_config") or {})}.get("hidden_size")
+        return ModelBase.text_config(self.config).get("hidden_size")
 
     @cached_property
     def names(self) -> gguf.TensorNameMap:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ct_convert.bands import carried
+from ct_convert.bands import carried, streamed_cost
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
@@ -24,7 +24,6 @@ from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
-from ct_convert.tensorstore import BAND_BYTES
 
 DENSE_FALLBACK = "dense"
 
@@ -170,9 +169,11 @@ class HFWriter(TargetWriter):
                 produced = self.convert_module(reader, qw, opts)
             return {f"{source}.{k}": v for k, v in produced.items()}
 
-        # a large carried tensor is read band by band as it is written: its cost is a few bands
-        return ordered_map(run, units, workers, cost=lambda u: min(u.source_bytes + sum(o.nbytes for o in u.outputs),
-                                                                   4 * BAND_BYTES if u.how == CARRY else 1 << 62))
+        def cost(u: Unit) -> int:
+            whole = u.source_bytes + sum(o.nbytes for o in u.outputs)
+            return streamed_cost(whole) if u.how == CARRY else whole
+
+        return ordered_map(run, units, workers, cost=cost)
 
     def _config(self, plan: Plan, reader: SourceReader, out: Path, opts: RepackOptions, files: Files) -> None:
         config = json.loads(json.dumps(reader.config))

@@ -14,7 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from ct_convert import architectures
 from ct_convert.architectures import vision
 from ct_convert.architectures.base import ModelBase, Part, slot
-from ct_convert.bands import carried, pieces
+from ct_convert.bands import carried, pieces, streamed_cost
 from ct_convert.errors import InputError, UnsupportedConversion
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONSTANT, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Output, Plan, Unit
@@ -31,7 +31,6 @@ from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.sink import HashingSink
 from ct_convert.targets.gguf import facts, hparams, mapping, mmproj, vocab
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, refuse_online_transforms
-from ct_convert.tensorstore import BAND_BYTES
 
 OUTPUT_STEM = "model"
 
@@ -410,8 +409,8 @@ def _job_bytes(reader: SourceReader, unit: Unit, source: str | None) -> int:
         return 0
     sources = unit.sources if source is None else (source,)
     if unit.how == CARRY:
-        cap = 4 * BAND_BYTES if _streamed(unit) else 1 << 62
-        return sum(min(2 * reader.tensor_meta(s).nbytes, cap) for s in sources)
+        whole = sum(2 * reader.tensor_meta(s).nbytes for s in sources)
+        return streamed_cost(whole) if _streamed(unit) else whole
     return sum(4 * math.prod(reader.modules[s].shape) for s in sources)
 
 

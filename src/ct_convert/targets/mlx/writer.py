@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ct_convert.bands import carried
+from ct_convert.bands import carried, streamed_cost
 from ct_convert.errors import UnsupportedConversion
 from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
@@ -30,7 +30,6 @@ from ct_convert.targets.mlx import facts
 from ct_convert.targets.mlx.config import mlx_config, quantization_block
 from ct_convert.targets.mlx.encode import Params, choose, data_reason, encode, specs
 from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
-from ct_convert.tensorstore import BAND_BYTES
 
 _HINT = "Pass --keep-unsupported dense to write such modules dequantized, or choose another --target."
 
@@ -233,7 +232,7 @@ class Writer(TargetWriter):
         dtype = m.torch_dtype
         if opts.dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
             dtype = opts.dtype
-        layout.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=min(2 * m.nbytes, 4 * BAND_BYTES)))
+        layout.jobs.append(Job(name, "tensor", dtype, source_bytes=m.nbytes, cost=streamed_cost(2 * m.nbytes)))
         o = tensor_output(name, dtype, m.shape)
         layout.tensors.append(OutTensor(o, dtype, [len(layout.jobs) - 1], ""))
         plan.units.append(Unit((name,), [o], CARRY, source_bytes=m.nbytes))
