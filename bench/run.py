@@ -12,7 +12,8 @@ GB/s of the work time, the ratio of work time to `cp -r` of the same checkpoint 
 copies), and the peak RSS of the process; for the dense target the same for the library's own
 dequantizer (`compressed_tensors.entrypoints.convert.convert_checkpoint` with
 `CompressedTensorsDequantizer`), and the time of writing the dense bytes alone. Run on a warm page
-cache: each input is read once first. llama.cpp's own route to Q4_0 is bench/llamacpp_route.py.
+cache: each input is read once first, and every timed command starts after the previous output is
+deleted and synced (and after --settle seconds). llama.cpp's own route to Q4_0 is bench/llamacpp_route.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,6 +105,16 @@ def fingerprint(out: Path) -> str | None:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def free_page_reporting() -> str:
+    """Whether this (virtual) machine hands freed memory back to its host: with virtio-balloon free page
+    reporting on, memory freed and left idle for some seconds is slow to touch again (the host faults it
+    back in), so a run's time depends on how long its memory sat free before it: see --settle."""
+    p = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+    if not p.exists():
+        return "absent"
+    return "off" if int(p.read_text()) > 10 else "on"  # an order above the largest (10) reports nothing
+
+
 def check_cuda() -> None:
     probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
     if subprocess.run([sys.executable, "-c", probe]).returncode != 0:
@@ -128,6 +140,10 @@ def main() -> None:
     ap.add_argument("--skip-library", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true", help="no dense-bytes write and no library run")
     ap.add_argument("--keep", action="store_true", help="keep the last output of each run (for byte comparisons)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait before each timed command (cp included) after deleting the previous "
+                         "output and syncing, so every command starts from the same memory state (30: freed "
+                         "memory cold on a machine with free page reporting on)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args()
     if args.device == "cuda":
@@ -149,6 +165,8 @@ def main() -> None:
     def run(label: str, cmd: list[str], out: Path | None, start: float = 0.0, **extra):
         if out is not None and out.exists():
             shutil.rmtree(out)
+        os.sync()  # the previous run's dirty pages would otherwise be written back during this one
+        time.sleep(args.settle)
         seconds, rss = measure(cmd)
         work_s = seconds - start
         rows.append({"run": label, "seconds": round(seconds, 2), "startup_s": round(start, 2), "work_s": round(work_s, 2),
@@ -164,11 +182,14 @@ def main() -> None:
     cp_runs = []
     for _ in range(3):  # an in-kernel copy varies run to run: take the median of three
         shutil.rmtree(cp_out, ignore_errors=True)
+        os.sync()
+        time.sleep(args.settle)
         cp_runs.append(measure(["cp", "-r", str(src), str(cp_out)])[0])
     shutil.rmtree(cp_out)
     cp_seconds = sorted(cp_runs)[1]
     print(json.dumps({"checkpoint_GB": round(size / 1e9, 3), "cp_seconds": round(cp_seconds, 2),
-                      "cp_runs": [round(x, 2) for x in cp_runs], "cores": os.cpu_count()}), flush=True)
+                      "cp_runs": [round(x, 2) for x in cp_runs], "cores": os.cpu_count(),
+                      "free_page_reporting": free_page_reporting(), "settle_s": args.settle}), flush=True)
     device = ["--device", args.device] if args.device else []
     for target in args.targets.split(","):
         start = startup(target)
@@ -195,7 +216,8 @@ def main() -> None:
             run("compressed-tensors dequantizer", [sys.executable, "-c", LIBRARY_DEQUANT, str(src), str(lib_out)], lib_out,
                 startup(None))
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint_bytes": size, "cp_seconds": cp_seconds, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"checkpoint_bytes": size, "cp_seconds": cp_seconds, "settle_s": args.settle,
+                                         "free_page_reporting": free_page_reporting(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

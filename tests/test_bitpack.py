@@ -60,3 +60,28 @@ def test_words_layout_is_floor_32_over_b_per_word(bits):
 def test_unpack_rejects_non_int32():
     with pytest.raises(TypeError):
         bitpack.unpack(torch.zeros(2, 2, dtype=torch.int64), 4, 8)
+
+
+def test_by_rows_bands_give_the_whole_tensor_result(monkeypatch):
+    """Banded transforms (several bands, the last one short) equal the same transform done whole: Q4_0
+    from a stream and back, the int4 row-pair stream, AWQ's transposition and its stream."""
+    from ct_convert.targets import int4_rows
+    from ct_convert.targets.awq.reader import awq_stream
+    from ct_convert.targets.awq.writer import transpose_awq
+    from ct_convert.targets.gguf.blocks import q4_0_from_stream
+    from ct_convert.targets.gguf.reader import _q4_0_stream
+
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(-2**31, 2**31 - 1, (37, 16), generator=g, dtype=torch.int32)  # 37 rows of K = 128
+    d = torch.rand(37, 4, generator=g).to(torch.float16)
+    packed = torch.randint(0, 256, (19, 64), generator=g, dtype=torch.uint8)
+    words = torch.randint(-2**31, 2**31 - 1, (64, 13), generator=g, dtype=torch.int32)  # [N, K/8]
+    whole = (q4_0_from_stream(stream, d), int4_rows.stream(packed), transpose_awq(words))
+    assert equal_bits(awq_stream(whole[2]), words)
+    monkeypatch.setattr(bitpack, "BAND_BYTES", 200)  # 3 rows of the stream, 3 of the row pairs per band
+    banded = bitpack.by_rows(q4_0_from_stream, stream, d)
+    assert equal_bits(banded, whole[0])
+    assert equal_bits(bitpack.by_rows(_q4_0_stream, banded.view(37, 4, 18)[..., 2:]), stream)
+    assert equal_bits(int4_rows.stream(packed), whole[1])
+    assert equal_bits(transpose_awq(words), whole[2])  # bands of 3 words of K
+    assert equal_bits(awq_stream(whole[2]), words)  # bands of 8 rows of K

@@ -55,13 +55,13 @@ def test_int4_packing_equals_modelopt(cli, tmp_path):
 
 
 def test_int4_packing_of_stacked_experts_equals_modelopt():
-    from ct_convert.targets.modelopt.encode import pack_rows
+    from ct_convert.targets.int4_rows import pack
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (3, 8, 256), generator=g, dtype=torch.int8)
     scale = torch.rand(3, 8, 2, generator=g) + 0.5
     w = codes.to(torch.float32) * scale.repeat_interleave(128, -1)
-    assert torch.equal(pack_rows(codes), quant_utils.pack_int4_in_uint8(w, scale, 128))
+    assert torch.equal(pack(codes), quant_utils.pack_int4_in_uint8(w, scale, 128))
 
 
 def _nvfp4_scheme(activations: bool) -> QuantizationScheme:

@@ -8,7 +8,8 @@ import torch
 
 from conftest import equal_bits
 from ct_convert.targets.trtllm_legacy.reader import undo_mixed_gemm
-from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
+from ct_convert.targets.int4_rows import pack as pack_int4_rows
+from ct_convert.targets.trtllm_legacy.mixed_gemm import preprocess_weights_for_mixed_gemm
 
 
 def spec_pattern(k: int, n: int) -> torch.Tensor:
@@ -108,6 +109,6 @@ def test_sm_layouts_differ_and_are_not_interchangeable():
 
 def test_modelopt_int4_packing_two_channels_per_byte():
     s = torch.tensor([[-8, 7, 0], [1, -1, 5], [3, 2, -3], [-4, 6, 4]], dtype=torch.int8)  # [N=4, K=3]
-    got = pack_int4_along_rows(s).view(torch.uint8)
+    got = pack_int4_rows(s)
     # byte (j, k) = s[2j, k] & 0xF | s[2j+1, k] << 4, hand-computed
     assert got.tolist() == [[0x18, 0xF7, 0x50], [0xC3, 0x62, 0x4D]]

@@ -68,6 +68,8 @@ def test_trtllm_ranks_are_put_back_together_in_the_code_domain(cli, tmp_path):
     for name, info in reader.modules.items():
         if info.is_quantized and name != "lm_head":
             assert same_codes(reader.read(name), out_reader.decode(name)), name
+            # both ranks' streams, put back together, are the source's packed words
+            assert bitwise_equal(out_reader.decode(name).stream, reader.read(name).packed_stream), name
             assert equal_bits(out_reader.decode(name).dequantize(), out_reader.dequantize(name)), name
 
 
@@ -215,7 +217,8 @@ def test_no_single_bit_flip_in_a_quantized_tensor_goes_unseen(flip_outputs, targ
 @pytest.mark.parametrize(
     "fixture,target",
     [("w4a16-g128", "gguf"), ("gguf/qwen3moe-w4a16", "gguf"), ("w4a16-asym-g128", "awq"),
-     ("marlin-ok-w4a16", "marlin"), ("w4a16-g128", "trtllm"), ("moe-w4a16", "trtllm")],
+     ("marlin-ok-w4a16", "marlin"), ("w4a16-g128", "trtllm"), ("moe-w4a16", "trtllm"),
+     ("w4a16-g128", "trtllm-legacy")],
 )
 def test_reader_streams_are_the_codes_packed_lsb_first(cli, tmp_path, fixture, target):
     """A reader's 4-bit stream (compared with the source's packed words instead of unpacking both) is
@@ -288,13 +291,16 @@ def test_marlin_stream_by_hand():
     assert bitwise_equal(marlin_stream(build(u)), _stream_by_hand(u.t()))
 
 
-def test_modelopt_awq_stream_by_hand():
+def test_int4_rows_stream_by_hand():
     """W4A16_AWQ weight byte (j, k): row 2j's signed code (u - 8) in the low nibble, row 2j + 1's in the high."""
-    from ct_convert.targets.modelopt.reader import awq_stream
+    from ct_convert.targets import int4_rows
 
     u = torch.randint(0, 16, (6, 24), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)  # [N, K]
     w = [[((int(u[2 * j, k]) - 8) & 0xF) | (((int(u[2 * j + 1, k]) - 8) & 0xF) << 4) for k in range(24)] for j in range(3)]
-    assert bitwise_equal(awq_stream(torch.tensor(w, dtype=torch.uint8)), _stream_by_hand(u))
+    packed = torch.tensor(w, dtype=torch.uint8)
+    assert bitwise_equal(int4_rows.stream(packed), _stream_by_hand(u))
+    assert bitwise_equal(int4_rows.unsigned_codes(packed), u)
+    assert bitwise_equal(int4_rows.codes_of_stream(int4_rows.stream(packed)), u)
 
 
 @pytest.mark.parametrize(

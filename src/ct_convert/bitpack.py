@@ -17,6 +17,10 @@ import torch
 
 STREAM = "stream"
 WORDS = "words"
+# Input bytes per band of `by_rows`: the shift-and-mask chains here make several temporaries the size
+# of their input, which stay in L2 for a band instead of streaming a 30 MB weight through memory once
+# per op (Q4_0's stream of a 29 MB weight on one core: 154 ms whole, 31 ms in 512 KiB bands).
+BAND_BYTES = 1 << 19
 
 # FasterTransformer's register interleave: slot i of each group of 8 (4-bit) or 4 (8-bit) values holds
 # value INTERLEAVE[b][i]. AutoAWQ's nibble order, the Marlin layouts and TensorRT-LLM's mixed GEMM use it.
@@ -167,4 +171,20 @@ def reordered(out: torch.Tensor, words: torch.Tensor, dim: int) -> torch.Tensor:
     step = max(1, (1 << 18) // max(1, words.stride(dim) * words.element_size()))
     for a in range(0, out.shape[dim], step):
         out.narrow(dim, a, min(step, out.shape[dim] - a)).copy_(words.narrow(dim, a, min(step, out.shape[dim] - a)))
+    return out
+
+
+def by_rows(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) for a fn that maps the rows (dim 0) of its inputs to rows of its output, one to one
+    and independently, computed BAND_BYTES of the first input at a time."""
+    rows = tensors[0].shape[0]
+    row_bytes = tensors[0][0].numel() * tensors[0].element_size() if rows else 0
+    step = max(1, BAND_BYTES // max(1, row_bytes))
+    if step >= rows:
+        return fn(*tensors)
+    first = fn(*(t[:step] for t in tensors))
+    out = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    out[:step] = first
+    for r in range(step, rows, step):
+        out[r:r + step] = fn(*(t[r:r + step] for t in tensors))
     return out

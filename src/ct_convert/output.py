@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from ct_convert.errors import OutputError
+from ct_convert.sink import WRITE_SLICE
 
 TMP_TAG = ".ct-convert-tmp-"
 OLD_TAG = ".ct-convert-old-"
@@ -251,7 +252,7 @@ def copy_with_hash(src: Path, dst: Path) -> tuple[str, int]:
     size = 0
     try:
         with open_regular_file(src) as fi, open(dst, "wb") as fo:
-            while chunk := fi.read(1 << 22):
+            while chunk := fi.read(WRITE_SLICE):
                 h.update(chunk)
                 fo.write(chunk)
                 size += len(chunk)

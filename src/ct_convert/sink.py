@@ -16,6 +16,11 @@ from typing import BinaryIO
 from ct_convert.errors import OutputError
 
 MAX_PENDING = 3
+# Bytes per write(): the page cache takes folios as large as a write, and on a VM whose balloon hands
+# free memory back to its host (free page reporting), large folios come from blocks the host must fault
+# in again. 3.2 GB written in 64 MiB calls took 11.6 s there, in 128 KiB calls 0.85 s (256 KiB: 2.5 s);
+# on memory the host has not taken back both take ~1 s.
+WRITE_SLICE = 1 << 17
 
 
 class HashingSink:
@@ -39,8 +44,10 @@ class HashingSink:
             raise OutputError(f"{path}: cannot create: {e.strerror or e}") from None
 
     def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
         try:
-            self._f.write(data)
+            for at in range(0, view.nbytes, WRITE_SLICE):
+                self._f.write(view[at:at + WRITE_SLICE])
         except OSError as e:
             raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
 

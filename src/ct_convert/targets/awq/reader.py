@@ -38,8 +38,21 @@ def awq_stream(words: torch.Tensor) -> torch.Tensor:
     Each 8 x 8 block of nibbles (rows 8w + i, word column c; nibble p = 4m + i' holds column
     8c + 2i' + m) is transposed across its 8 words in three delta-swap steps (4 x 4, 2 x 2, 1 x 1
     nibble blocks), which leaves in word p of the block the stream word w of column 8c + 2i' + m;
-    one copy then puts the words in [column, word] order.
+    one copy then puts the words in [column, word] order. Done for bands of rows (K) of ~512 KiB, so
+    that the swaps run in cache (a 29 MB weight on one core: 55 ms whole, 32 ms banded).
     """
+    k, c = words.shape
+    step = max(8, bitpack.BAND_BYTES // max(1, c * words.element_size()) // 8 * 8)
+    if step >= k:
+        return _awq_stream(words)
+    out = torch.empty(8 * c, k // 8, dtype=torch.int32, device=words.device)
+    for r in range(0, k, step):
+        out[:, r // 8:(r + step) // 8] = _awq_stream(words[r:r + step])
+    return out
+
+
+def _awq_stream(words: torch.Tensor) -> torch.Tensor:
+    """awq_stream of one band of rows (a multiple of 8)."""
     k, c = words.shape
     x = words.reshape(k // 8, 8, c).clone()  # [w, i, c]; the clone is transposed in place
     out = torch.empty(c, 4, 2, k // 8, dtype=torch.int32, device=words.device)  # [c, i', m, w]; scratch until then

@@ -46,7 +46,21 @@ def pack_awq(u: torch.Tensor) -> torch.Tensor:
 
 
 def transpose_awq(words: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors 4-bit words [N, K/8] (packed along K) -> AWQ qweight [K, N/8] (along N).
+    """compressed-tensors 4-bit words [N, K/8] (packed along K) -> AWQ qweight [K, N/8] (along N),
+    computed for ~2 MiB of words at a time so that the swaps run in cache (a 29 MB weight on one
+    core: 72 ms whole, 32 ms in 2 MiB bands, 45 ms in 512 KiB ones)."""
+    n, kw = words.shape
+    step = max(1, 4 * bitpack.BAND_BYTES // max(1, n * words.element_size()))
+    if step >= kw:
+        return _transpose_awq(words)
+    out = torch.empty(kw * 8, n // 8, dtype=torch.int32, device=words.device)
+    for c in range(0, kw, step):
+        out[8 * c:8 * (c + step)] = _transpose_awq(words[:, c:c + step].contiguous())
+    return out
+
+
+def _transpose_awq(words: torch.Tensor) -> torch.Tensor:
+    """transpose_awq of one band.
 
     Each 8 rows x 1 word block is an 8x8 nibble matrix; three rounds of masked delta swaps transpose
     it inside the words, with the rows taken in AWQ_ORDER so the interleave comes for free. The codes

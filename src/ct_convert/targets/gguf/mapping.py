@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ct_convert import floatcodes
+from ct_convert import bitpack, floatcodes
 from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight
 from ct_convert.targets.gguf import blocks
 from ct_convert.targets.gguf.facts import DENSE_TYPES, QK, QK_NVFP4, QUANTIZED, TORCH_OF
@@ -144,7 +144,9 @@ def encode(qw: QuantizedWeight, ggml: str, rows: torch.Tensor | None = None) -> 
     zp = qw.group_zero_points()
     stream = qw.packed_stream if ggml == "Q4_0" and zp is None else None
     if stream is not None and stream.shape[-1] * 8 == qw.in_features:
-        return blocks.q4_0_from_stream(r(stream), d)
+        s = r(stream)  # [.., N, K/8]: rows of every expert banded together
+        rows = bitpack.by_rows(blocks.q4_0_from_stream, s.reshape(-1, s.shape[-1]), d.reshape(-1, d.shape[-1]))
+        return rows.reshape(*s.shape[:-1], -1)
     codes = r(qw.codes)
     if zp is not None:
         codes = codes.to(torch.int16) - r(zp).to(torch.int16).index_select(-1, qw.column_groups())

@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 import torch
 
-from ct_convert import architectures
+from ct_convert import architectures, bitpack
 from ct_convert.architectures import Part, vision
 from ct_convert.bands import Bands
 from ct_convert.errors import InputError
@@ -127,7 +127,7 @@ class GGUFOutput:
                 return (qs.contiguous().view(torch.int8) ^ -128).view(torch.uint8).reshape(n, -1)  # q + 128
             return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
 
-        stream = _q4_0_stream(qs) if qtype == "Q4_0" else None
+        stream = bitpack.by_rows(_q4_0_stream, qs) if qtype == "Q4_0" else None
         return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales, stream=stream)
 
     def dequantize(self, module: str) -> torch.Tensor | None:

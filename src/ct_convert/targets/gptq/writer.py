@@ -82,9 +82,9 @@ class GPTQWriter(IntWeightWriter):
         a dense stream with no padding bits (targets.md §0.2), else packed from the codes."""
         b = qw.scheme.num_bits
         packed = qw.packed_stream
-        if packed is not None:
-            return packed.t().contiguous()
-        return pack_along_last(unsigned_codes(qw), b).t().contiguous()
+        if packed is None:
+            packed = pack_along_last(unsigned_codes(qw), b)
+        return bitpack.reordered(torch.empty(packed.shape[::-1], dtype=packed.dtype, device=packed.device), packed.t(), 0)
 
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         converted = [reader.modules[m] for m in plan.converted()]

@@ -9,6 +9,7 @@ import torch
 
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
+from ct_convert.targets import int4_rows
 from ct_convert.targets.modelopt import facts
 from ct_convert.targets.modelopt.plan import Algo, input_scale, weight_scale_2
 from ct_convert.targets.writer_base import exact_cast
@@ -46,12 +47,6 @@ def specs(info: ModuleInfo, algo: Algo, dtype: torch.dtype, has_input_scale: boo
     return [TensorSpec(name, dt, shape) for name, dt, shape in out]
 
 
-def pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """Signed int4 codes int8 [.., N, K] -> uint8 [.., N/2, K]: row 2j in the low nibble, 2j+1 in the high."""
-    b = codes.view(torch.uint8)
-    return (b[..., 0::2, :] & 0xF) | (b[..., 1::2, :] << 4)
-
-
 def pack_columns(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes uint8 [.., N, K] -> uint8 [.., N, K/2]: column 2j in the low nibble, 2j+1 in the high."""
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
@@ -64,7 +59,7 @@ def tensors(qw: QuantizedWeight, algo: Algo, dtype: torch.dtype, extras: dict[st
     lead = tuple(lead)
     if a == facts.W4A16_AWQ:
         scale = exact_cast(qw.group_scales(), dtype, f"{qw.name}.weight_scale")
-        return {"weight": pack_rows(qw.codes), "weight_scale": scale,
+        return {"weight": int4_rows.pack(qw.codes), "weight_scale": scale,
                 "pre_quant_scale": torch.ones((*lead, k), dtype=dtype)}
     if a == facts.W8A16:
         return {"weight": qw.codes, "weight_scale": exact_cast(qw.group_scales().reshape(*lead, n), dtype, f"{qw.name}.weight_scale")}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ct_convert import bitpack
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
+from ct_convert.targets import int4_rows
 from ct_convert.targets.reader_base import GroupCodes, HFOutputReader, dequantize_groups, quant_method
 from ct_convert.targets.modelopt import facts
 
@@ -27,23 +27,6 @@ def nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
     if dim == -1:
         return torch.stack((lo, hi), -1).flatten(-2)
     return torch.stack((lo, hi), -2).flatten(-3, -2)
-
-
-def awq_stream(w: torch.Tensor) -> torch.Tensor:
-    """A W4A16_AWQ weight uint8 [N/2, K] -> int32 [N, K/8]: each row's unsigned codes as an LSB-first
-    4-bit stream along K, what verification compares with the source's packed words instead of
-    unpacking both. K must be a multiple of 8.
-
-    Byte (j, k) holds row 2j's code in its low nibble and row 2j + 1's in its high one. Read as 16-bit
-    lanes (bytes k, k + 1), swapping the high nibble of byte k with the low nibble of byte k + 1 puts
-    row 2j's stream byte in the lane's low byte and row 2j + 1's in its high byte; one copy splits
-    them. Flipping each nibble's top bit makes the signed codes unsigned (+8).
-    """
-    half, k = w.shape
-    out = torch.empty(half, 2, k // 2, dtype=torch.uint8, device=w.device)  # scratch until the last copy
-    lanes = bitpack.shuffle((w.view(torch.uint8) ^ 0x88).view(torch.int64), 4, 0x00F000F000F000F0, out.view(-1).view(torch.int64))
-    out.copy_(lanes.view(torch.uint8).view(half, k // 2, 2).transpose(1, 2))
-    return out.view(torch.int32).view(2 * half, k // 8)
 
 
 class ModelOptOutput(HFOutputReader):
@@ -109,19 +92,13 @@ class ModelOptOutput(HFOutputReader):
                 return None  # the smoothing multiplies the weight: compared dequantized
             scale = self._awq_scale(module, w, gs)
             zeros = torch.full((scale.shape[1], scale.shape[0]), 8, dtype=torch.int16)
-            stream = awq_stream(w) if w.shape[-1] % 8 == 0 else None
-            return GroupCodes(lambda: self._awq_codes(w), zeros, scale.t(), stream=stream)
+            stream = int4_rows.stream(w) if w.shape[-1] % 8 == 0 else None
+            return GroupCodes(lambda: int4_rows.unsigned_codes(w), zeros, scale.t(), stream=stream)
         if algo == facts.W8A16:
             u = w.view(torch.uint8) ^ 0x80  # two's complement + 128 is the top bit flipped
             scale = self._get(module, "weight_scale", (w.shape[0],)).reshape(1, -1)
             return GroupCodes(lambda: u, torch.full(scale.shape, 128, dtype=torch.int16), scale)
         return None
-
-    @staticmethod
-    def _awq_codes(w: torch.Tensor) -> torch.Tensor:
-        """uint8 [.., N/2, K] (rows 2j, 2j+1 in the low, high nibble, signed) -> unsigned codes [.., N, K]
-        (a signed nibble plus 8 is the nibble with its top bit flipped)."""
-        return nibbles(w.view(torch.uint8), -2) ^ 8
 
     def _awq_scale(self, module: str, w: torch.Tensor, gs: int) -> torch.Tensor:
         """weight_scale [.., N, K/gs] of a W4A16_AWQ weight uint8 [.., N/2, K]."""
@@ -144,7 +121,7 @@ class ModelOptOutput(HFOutputReader):
         algo, gs = found
         f32 = torch.float32
         if algo == facts.W4A16_AWQ:
-            u, scale = self._awq_codes(w), self._awq_scale(module, w, gs)
+            u, scale = int4_rows.unsigned_codes(w), self._awq_scale(module, w, gs)
             lead = u.shape[:-2]
             flat_u, flat_s = u.reshape(-1, *u.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
             z = torch.full(flat_s.shape[-2:], 8, dtype=torch.int16).t()

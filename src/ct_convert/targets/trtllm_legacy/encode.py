@@ -8,7 +8,8 @@ from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets.trtllm_legacy import plan as planning
 from ct_convert.targets.trtllm_legacy.facts import ROW
-from ct_convert.targets.trtllm_legacy.mixed_gemm import pack_int4_along_rows, preprocess_weights_for_mixed_gemm
+from ct_convert.targets import int4_rows
+from ct_convert.targets.trtllm_legacy.mixed_gemm import preprocess_weights_for_mixed_gemm
 from ct_convert.targets.trtllm_legacy.tp import column_shard, row_shard
 from ct_convert.targets.writer_base import exact_cast
 
@@ -89,7 +90,7 @@ def _quantized(reader: SourceReader, plan: planning.Layout, lp: planning.LinearP
         per_channel = algo not in planning.GROUPWISE and lp.linear.parallel == ROW
         scale = scales[0] if per_channel else _shard(plan, lp, scales, r)  # [n, G]: a row split keeps whole channels
         if algo == planning.W4A16_AWQ:
-            out.append({"weight": pack_int4_along_rows(s), "weights_scaling_factor": scale,
+            out.append({"weight": int4_rows.pack(s).view(torch.int8), "weights_scaling_factor": scale,
                         "prequant_scaling_factor": torch.ones(s.shape[1], dtype=dt)})
         elif algo == planning.W4A16_GPTQ:
             weight = preprocess_weights_for_mixed_gemm(s.t().contiguous(), 4, plan.sm).view(dt)

@@ -57,8 +57,3 @@ def preprocess_weights_for_mixed_gemm(codes: torch.Tensor, bits: int, sm: int) -
         out = (unsigned[:, 0] | (unsigned[:, 1] << 4)).to(torch.uint8)
     return out.reshape(k, n * bits // 8).view(torch.int8)
 
-
-def pack_int4_along_rows(codes: torch.Tensor) -> torch.Tensor:
-    """Signed int4 codes int8 [R, C] -> int8 [R/2, C]: rows 2j (low nibble) and 2j+1 (high nibble) per byte."""
-    u = codes.view(torch.uint8)  # two's-complement bytes: the low nibble is the int4 code
-    return ((u[0::2] & 0xF) | (u[1::2] << 4)).view(torch.int8)

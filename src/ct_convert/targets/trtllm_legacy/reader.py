@@ -13,6 +13,7 @@ import torch
 
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
+from ct_convert.targets import int4_rows
 from ct_convert.targets.reader_base import GroupCodes, dequantize_groups
 from ct_convert.targets.trtllm_legacy.facts import (
     COLUMN,
@@ -92,15 +93,22 @@ class TRTLLMOutput:
 
     # -- weights -------------------------------------------------------------------------------
     def decode(self, module: str) -> GroupCodes | None:
-        """W4A16_AWQ modules as codes, zero point 8 and scales; other layouts are compared dequantized."""
+        """W4A16_AWQ modules as codes, zero point 8 and scales (each rank's weight as the packed stream
+        of its codes where K allows, which verification compares by bytes); other layouts are compared
+        dequantized."""
         if self.algo != "W4A16_AWQ":
             return None
         gathered = self._gather(module, self._rank_awq_codes)
         if gathered is None:
             return None
         (codes, scales), dim = gathered
-        u, s = torch.cat(codes, dim=dim), torch.cat(scales, dim=dim)
-        return GroupCodes(lambda: u, torch.full((s.shape[1], s.shape[0]), 8, dtype=torch.int16), s.t())
+        s = torch.cat(scales, dim=dim)
+        zeros = torch.full((s.shape[1], s.shape[0]), 8, dtype=torch.int16)
+        if all(c.dtype == torch.int32 for c in codes):
+            stream = torch.cat(codes, dim=dim)
+            return GroupCodes(lambda: int4_rows.codes_of_stream(stream), zeros, s.t(), stream=stream)
+        u = torch.cat([int4_rows.codes_of_stream(c) if c.dtype == torch.int32 else c for c in codes], dim=dim)
+        return GroupCodes(lambda: u, zeros, s.t())
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         if module == "lm_head":
@@ -162,18 +170,17 @@ class TRTLLMOutput:
         return self.sm
 
     def _awq_codes(self, r: int, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unsigned codes uint8 [N, K] and scales [N, G] of a W4A16_AWQ weight, int8 [N/2, K]: byte
-        (j, k) holds channel 2j in its low nibble and 2j+1 in its high one, both signed int4, and a
-        signed nibble plus 8 is that nibble with its top bit flipped."""
-        b = w.view(torch.uint8)
-        u = torch.stack(((b & 0xF) ^ 8, (b >> 4) ^ 8), dim=1).reshape(-1, w.shape[1])
+        """A W4A16_AWQ weight int8 [N/2, K] (int4_rows' layout) and its scales [N, G]: the codes as the
+        stream int32 [N, K/8] when K is a multiple of 8, else as unsigned codes uint8 [N, K]."""
+        n, k = 2 * w.shape[0], w.shape[1]
         scale = self._get(r, f"{name}.weights_scaling_factor")
-        if scale is None or scale.shape != (u.shape[0], u.shape[1] // self.group_size) or u.shape[1] % self.group_size:
-            raise InputError(f"{name}.weights_scaling_factor: does not fit weight {list(u.shape)} with group_size {self.group_size}")
-        return u, scale
+        if scale is None or scale.shape != (n, k // self.group_size) or k % self.group_size:
+            raise InputError(f"{name}.weights_scaling_factor: does not fit weight {[n, k]} with group_size {self.group_size}")
+        return (int4_rows.stream(w) if k % 8 == 0 else int4_rows.unsigned_codes(w)), scale
 
     def _awq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
-        u, scale = self._awq_codes(r, name, w)
+        codes, scale = self._awq_codes(r, name, w)
+        u = int4_rows.codes_of_stream(codes) if codes.dtype == torch.int32 else codes
         return dequantize_groups(u, torch.full(scale.shape, 8, dtype=torch.int16).t(), scale.t())
 
     def _gptq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:

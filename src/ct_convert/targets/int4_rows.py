@@ -1,0 +1,51 @@
+"""Signed int4 codes two rows to a byte: row 2j in the low nibble, row 2j + 1 in the high one.
+
+The W4A16_AWQ weight layout of ModelOpt checkpoints (its `pack_int4_in_uint8`) and of TensorRT-LLM's
+legacy ones: the writers' packing and the readers' decoding side by side, shared by both targets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ct_convert import bitpack
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes int8 [.., N, K] -> uint8 [.., N/2, K]."""
+    b = codes.view(torch.uint8)  # two's-complement bytes: the low nibble is the int4 code
+    return (b[..., 0::2, :] & 0xF) | (b[..., 1::2, :] << 4)
+
+
+def unsigned_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [.., N/2, K] -> unsigned codes uint8 [.., N, K] (a signed nibble plus 8 is the nibble with
+    its top bit flipped)."""
+    b = packed.view(torch.uint8) ^ 0x88
+    return torch.stack((b & 0xF, b >> 4), -2).flatten(-3, -2)
+
+
+def stream(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N/2, K] -> int32 [N, K/8]: each row's unsigned codes as an LSB-first 4-bit stream along K,
+    what verification compares with the source's packed words instead of unpacking both. K must be a
+    multiple of 8.
+
+    Read as 16-bit lanes (bytes k, k + 1), swapping the high nibble of byte k with the low nibble of
+    byte k + 1 puts row 2j's stream byte in the lane's low byte and row 2j + 1's in its high byte; one
+    copy splits them.
+    """
+    half, k = packed.shape
+    return bitpack.by_rows(_row_pairs, packed.view(torch.uint8)).view(2 * half, k // 8)
+
+
+def _row_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, K] -> int32 [R, K/4]: the streams of rows 2j and 2j + 1 side by side in row j."""
+    half, k = packed.shape
+    out = torch.empty(half, 2, k // 2, dtype=torch.uint8, device=packed.device)  # scratch until the last copy
+    lanes = bitpack.shuffle((packed ^ 0x88).view(torch.int64), 4, 0x00F000F000F000F0, out.view(-1).view(torch.int64))
+    out.copy_(lanes.view(torch.uint8).view(half, k // 2, 2).transpose(1, 2))
+    return out.view(torch.int32).view(half, k // 4)
+
+
+def codes_of_stream(words: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K/8] LSB-first 4-bit stream -> unsigned codes uint8 [N, K]."""
+    return bitpack.split_nibbles(words.contiguous().view(torch.uint8))
