@@ -33,7 +33,7 @@ def test_disk_full_while_copying_other_files(cli, tmp_path, monkeypatch):
     def no_space(src, dst):
         raise output.OutputError(f"{dst}: disk full while copying {src.name}")
 
-    monkeypatch.setattr("ct_convert.targets.hf_writer.copy_with_hash", no_space)
+    monkeypatch.setattr("ct_convert.targets.writer_base.copy_with_hash", no_space)
     r = cli("repack", FIXTURES / "w4a16-g128", tmp_path / "out", "--target", "dense")
     assert r.code == 2 and "disk full" in r.err
     assert list(tmp_path.iterdir()) == []

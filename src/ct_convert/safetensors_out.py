@@ -10,13 +10,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
 from ct_convert.bands import Bands, pieces
 from ct_convert.sink import HashingSink
 from ct_convert.tensorstore import DTYPE_NAMES
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,20 @@ def shard_names(count: int, stem: str = "model") -> list[str]:
     if count == 1:
         return [f"{stem}.safetensors"]
     return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def split_shards(items: list[T], max_bytes: int, nbytes: Callable[[T], int]) -> list[list[T]]:
+    """Consecutive items into shards of at most `max_bytes` (an item larger than that alone in its shard)."""
+    shards: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        n = nbytes(item)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
 
 
 class SafetensorsFileWriter:

@@ -167,6 +167,11 @@ class CompressedTensorsReader:
         return {"tensors": len(names), "parameters": params, "bytes": stored, "dense_bytes": dense}
 
 
+def source_order(reader: SourceReader, tensor: str) -> tuple:
+    """Source order: shard file, then byte offset (then name), so reads sweep each file once, front to back."""
+    return (*reader.order_key(tensor), tensor)
+
+
 def open_checkpoint(ckpt: SourceFiles) -> CompressedTensorsReader:
     where = str(ckpt.config_file or ckpt.root)
     located = cfg.locate(ckpt.config)

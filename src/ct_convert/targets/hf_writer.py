@@ -17,13 +17,12 @@ import torch
 
 from ct_convert.bands import carried, streamed_cost
 from ct_convert.errors import UnsupportedConversion
-from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, REFUSED, ModulePlan, Output, Plan, Unit, tensor_output
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
-from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
-from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
+from ct_convert.readers.checkpoint import SourceReader, source_order
+from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names, split_shards
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms, copy_other_files, write_json
 
 DENSE_FALLBACK = "dense"
 
@@ -100,7 +99,7 @@ class HFWriter(TargetWriter):
                 outputs = [tensor_output(f"{name}.{s.name}", s.dtype, s.shape) for s in self.specs(info, opts)]
                 plan.modules[name] = ModulePlan(CONVERTED, at_repack=self.at_repack(info, opts) if plan.inspecting else None,
                                                 details=self.details(info, opts) if plan.inspecting else None)
-            first = min(info.tensors.values(), key=lambda n: _order_key(reader, n))
+            first = min(info.tensors.values(), key=lambda n: source_order(reader, n))
             units_at[first] = Unit((name,), outputs, DEQUANTIZE if why else ENCODE, why, reader.source_bytes(name))
         if refused:
             name, why = refused[0]
@@ -114,9 +113,9 @@ class HFWriter(TargetWriter):
                 plan.dropped.append(t)
                 continue
             units_at[t] = Unit((t,), [self.carried(reader, t, opts)], CARRY, source_bytes=reader.tensor_meta(t).nbytes)
-        plan.units = [units_at[k] for k in sorted(units_at, key=lambda n: _order_key(reader, n))]
+        plan.units = [units_at[k] for k in sorted(units_at, key=lambda n: source_order(reader, n))]
         self.check_plan(plan, reader, opts)
-        shards = _split(plan.units, opts.max_shard_size)
+        shards = split_shards(plan.units, opts.max_shard_size, lambda u: sum(o.nbytes for o in u.outputs))
         for fname, shard in zip(shard_names(len(shards)), shards):
             for o in (o for u in shard for o in u.outputs):
                 o.file = fname
@@ -144,11 +143,9 @@ class HFWriter(TargetWriter):
             files[fname] = {"sha256": sha, "size": fw.size}
         if len(plan.detail) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            self._json(out, "model.safetensors.index.json", index, files)
+            write_json(out, "model.safetensors.index.json", index, files)
         self._config(plan, reader, out, opts, files)
-        for rel in reader.other_files():
-            sha, size = copy_with_hash(reader.root / rel, out / rel)
-            files[str(rel)] = {"sha256": sha, "size": size}
+        copy_other_files(reader, out, files)
         return files
 
     def _produce(self, reader: SourceReader, units: list[Unit], opts: RepackOptions):
@@ -187,28 +184,5 @@ class HFWriter(TargetWriter):
             config["quantization_config"] = qc
         if opts.dtype is not None:
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(opts.dtype).removeprefix("torch.")
-        self._json(out, "config.json", config, files)
+        write_json(out, "config.json", config, files)
 
-    @staticmethod
-    def _json(out: Path, name: str, data: dict, files: Files) -> None:
-        raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-        sha, size = write_bytes_with_hash(out / name, raw)
-        files[name] = {"sha256": sha, "size": size}
-
-
-def _order_key(reader: SourceReader, name: str) -> tuple:
-    """Source order: shard file, then byte offset, so reads sweep each file once, front to back."""
-    return (*reader.order_key(name), name)
-
-
-def _split(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
-    shards: list[list[Unit]] = [[]]
-    size = 0
-    for u in units:
-        n = sum(o.nbytes for o in u.outputs)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(u)
-        size += n
-    return shards

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Callable
 import torch
 
 from ct_convert.errors import CTConvertError, UnsupportedConversion
+from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.plan import Plan
 from ct_convert.readers.checkpoint import SourceReader
 
@@ -52,6 +54,20 @@ class RepackOptions:
 
 Progress = Callable[[int], None]  # advance by a number of source bytes
 Files = dict[str, dict]  # relative path -> {"sha256", "size"}
+
+
+def write_json(out: Path, name: str, data: dict, files: Files) -> None:
+    """`out/name` as indented, key-sorted JSON, recorded in `files` with its sha256 and size."""
+    sha, size = write_bytes_with_hash(out / name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    files[name] = {"sha256": sha, "size": size}
+
+
+def copy_other_files(reader: SourceReader, out: Path, files: Files) -> None:
+    """The source's files that are not weights or config (tokenizer, generation config, ...), copied
+    unchanged and recorded in `files`."""
+    for rel in reader.other_files():
+        sha, size = copy_with_hash(reader.root / rel, out / rel)
+        files[str(rel)] = {"sha256": sha, "size": size}
 
 
 class TargetWriter:

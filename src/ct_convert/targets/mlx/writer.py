@@ -10,7 +10,6 @@ threads, written in order; a stacked expert tensor is written one expert at a ti
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,16 @@ import torch
 
 from ct_convert.bands import carried, streamed_cost
 from ct_convert.errors import UnsupportedConversion
-from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, REFUSED, ModulePlan, Output, Plan, Unit, tensor_output
 from ct_convert.qweight import ModuleInfo
-from ct_convert.readers.checkpoint import SourceReader
-from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names
+from ct_convert.readers.checkpoint import SourceReader, source_order
+from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec, shard_names, split_shards
 from ct_convert.targets.hf_writer import DENSE_FALLBACK
 from ct_convert.targets.mlx import facts
 from ct_convert.targets.mlx.config import mlx_config, quantization_block
 from ct_convert.targets.mlx.encode import Params, choose, data_reason, encode, specs
-from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, refuse_online_transforms, copy_other_files, write_json
 
 _HINT = "Pass --keep-unsupported dense to write such modules dequantized, or choose another --target."
 
@@ -110,7 +108,7 @@ class Writer(TargetWriter):
             if reader.is_quantization_param(t):
                 plan.dropped.append(t)
             else:
-                units.append((_order_key(reader, t), "tensor", t))
+                units.append((source_order(reader, t), "tensor", t))
         for _, kind, unit in sorted(units, key=lambda u: u[0]):
             if kind == "tensor":
                 self._add_tensor(reader, plan, layout, unit, opts)
@@ -118,7 +116,7 @@ class Writer(TargetWriter):
                 self._add_layer(reader, plan, layout, unit, opts)
         for m in reader.unquantized:
             layout.kept_float.add(arch.locate(m)[0])
-        shards = _split(layout.tensors, opts.max_shard_size)
+        shards = split_shards(layout.tensors, opts.max_shard_size, lambda t: t.output.nbytes)
         for fname, shard in zip(shard_names(len(shards)), shards):
             for t in shard:
                 t.output.file = fname
@@ -141,7 +139,7 @@ class Writer(TargetWriter):
                 )
             modules = [n for _, n in sorted(members, key=lambda m: m[0] if m[0] is not None else -1)]
             infos = [reader.modules[m] for m in modules]
-            layer = Layer(path, modules, stacked, min(_order_key(reader, t) for i in infos for t in i.tensors.values()))
+            layer = Layer(path, modules, stacked, min(source_order(reader, t) for i in infos for t in i.tensors.values()))
             for info in infos:
                 if len(info.shape) == 3 and path == info.name:  # not even a float copy would load
                     raise UnsupportedConversion(
@@ -256,7 +254,7 @@ class Writer(TargetWriter):
                 progress(layout.jobs[j].source_bytes)
             return current[j]
 
-        shards = _split(layout.tensors, opts.max_shard_size)
+        shards = split_shards(layout.tensors, opts.max_shard_size, lambda t: t.output.nbytes)
         names = shard_names(len(shards))
         weight_map: dict[str, str] = {}
         for fname, shard in zip(names, shards):
@@ -276,7 +274,7 @@ class Writer(TargetWriter):
             files[fname] = {"sha256": sha, "size": fw.size}
         if len(names) > 1:
             total = sum(t.output.nbytes for t in layout.tensors)
-            _json(out, "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, files)
+            write_json(out, "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, files)
         block = quantization_block(layout.converted, sorted(layout.kept_float - set(layout.converted)))
         config, added = mlx_config(reader.config, block, str(opts.dtype).removeprefix("torch.") if opts.dtype else None)
         if added:
@@ -284,10 +282,8 @@ class Writer(TargetWriter):
                 f"config.json: added {', '.join(added)}: mlx-lm's model classes read only the names "
                 "transformers used before version 5"
             )
-        _json(out, "config.json", config, files)
-        for rel in reader.other_files():
-            sha, size = copy_with_hash(reader.root / rel, out / rel)
-            files[str(rel)] = {"sha256": sha, "size": size}
+        write_json(out, "config.json", config, files)
+        copy_other_files(reader, out, files)
         return files
 
     @staticmethod
@@ -333,24 +329,3 @@ def _architecture(config: dict) -> facts.Architecture:
     return arch
 
 
-def _order_key(reader: SourceReader, tensor: str) -> tuple:
-    """Source order: shard file, then byte offset, so reads sweep each file once, front to back."""
-    return (*reader.order_key(tensor), tensor)
-
-
-def _split(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.output.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.output.nbytes
-    return shards
-
-
-def _json(out: Path, name: str, data: dict, files: Files) -> None:
-    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    sha, size = write_bytes_with_hash(out / name, raw)
-    files[name] = {"sha256": sha, "size": size}

@@ -18,7 +18,7 @@ from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets.hf_writer import HFWriter
 from ct_convert.targets.modelopt import encode, facts
 from ct_convert.targets.modelopt.plan import Algorithms, algorithm, build
-from ct_convert.targets.writer_base import Files, Progress, RepackOptions
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, write_json
 
 ACTIVATION_QPARAMS = ("input_scale", "input_global_scale")
 
@@ -82,7 +82,7 @@ class Writer(HFWriter):
         files = super().write(plan, reader, out, opts, progress)
         hf = hf_quant_config(plan, reader, self._algorithms)
         if hf is not None:
-            self._json(out, facts.HF_QUANT_CONFIG, hf, files)
+            write_json(out, facts.HF_QUANT_CONFIG, hf, files)
         return files
 
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict | None:

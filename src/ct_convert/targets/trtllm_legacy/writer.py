@@ -7,13 +7,11 @@ rank's shard is streamed into its file, so memory holds one fused linear (one la
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ct_convert.output import copy_with_hash, write_bytes_with_hash
 from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Plan, Unit, tensor_output
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec
@@ -22,7 +20,7 @@ from ct_convert.targets.trtllm_legacy.encode import encode_linear, linear_specs
 from ct_convert.targets.trtllm_legacy.facts import SM_METADATA_KEY
 from ct_convert.targets.trtllm_legacy.names import trtllm_config
 from ct_convert.targets.trtllm_legacy.tp import column_shard
-from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast
+from ct_convert.targets.writer_base import Files, Progress, RepackOptions, TargetWriter, exact_cast, copy_other_files, write_json
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 Produce = Callable[[], list[dict[str, torch.Tensor]]]  # a unit's tensors, per rank: name -> tensor
@@ -69,12 +67,8 @@ class TRTLLMWriter(TargetWriter):
                 fw.abort()
             raise
         config = trtllm_config(reader.config, layout.geo, DTYPE_NAMES[layout.dtype], layout.tp, _quantization(layout), _biases(layout))
-        raw = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-        sha, size = write_bytes_with_hash(out / "config.json", raw)
-        files["config.json"] = {"sha256": sha, "size": size}
-        for rel in reader.other_files():
-            sha, size = copy_with_hash(reader.root / rel, out / rel)
-            files[str(rel)] = {"sha256": sha, "size": size}
+        write_json(out, "config.json", config, files)
+        copy_other_files(reader, out, files)
         return files
 
 
