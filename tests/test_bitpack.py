@@ -76,12 +76,14 @@ def test_by_rows_bands_give_the_whole_tensor_result(monkeypatch):
     d = torch.rand(37, 4, generator=g).to(torch.float16)
     packed = torch.randint(0, 256, (19, 64), generator=g, dtype=torch.uint8)
     words = torch.randint(-2**31, 2**31 - 1, (64, 13), generator=g, dtype=torch.int32)  # [N, K/8]
-    whole = (q4_0_from_stream(stream, d), int4_rows.stream(packed), transpose_awq(words))
+    whole = (q4_0_from_stream(stream, d), int4_rows.stream(packed), transpose_awq(words), int4_rows.from_stream(words))
     assert equal_bits(awq_stream(whole[2]), words)
     monkeypatch.setattr(bitpack, "BAND_BYTES", 200)  # 3 rows of the stream, 3 of the row pairs per band
     banded = bitpack.by_rows(q4_0_from_stream, stream, d)
     assert equal_bits(banded, whole[0])
     assert equal_bits(bitpack.by_rows(_q4_0_stream, banded.view(37, 4, 18)[..., 2:]), stream)
     assert equal_bits(int4_rows.stream(packed), whole[1])
+    assert equal_bits(int4_rows.from_stream(words), whole[3])  # bands of 1 row pair (104 bytes)
+    assert equal_bits(int4_rows.stream(whole[3]), words)
     assert equal_bits(transpose_awq(words), whole[2])  # bands of 3 words of K
     assert equal_bits(awq_stream(whole[2]), words)  # bands of 8 rows of K

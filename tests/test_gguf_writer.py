@@ -307,3 +307,27 @@ def test_vocab_size_key_only_where_llamacpp_writes_it_or_nothing_else_sizes_the_
     repack(cli, bare, tmp_path / "without")
     _, f = read_back(tmp_path / "without" / "model.gguf")
     assert f["tokenizer.ggml.model"] == "none" and f["qwen3moe.vocab_size"] == 320
+
+
+def test_block_scales_by_hand():
+    """d of each 32-column block is its first column's group scale: groups of 64 (a partial last one),
+    channel and tensor scales, and act-order g_idx, where a group no block reads is not checked."""
+    from ct_convert.qweight import Encoding, ModuleInfo, QuantizedWeight, WeightScheme
+    from ct_convert.targets.gguf import mapping
+
+    def qw(k, strategy, gs, scale, g_idx=None):
+        info = ModuleInfo("m", "pack-quantized", (2, k), torch.bfloat16, Encoding.INT, WeightScheme(4, "int", True, strategy, gs))
+        return QuantizedWeight(info, scale=scale.to(torch.bfloat16), g_idx=g_idx)
+
+    s = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert mapping.block_scales(qw(160, "group", 64, s)).tolist() == [[1, 1, 2, 2, 3], [4, 4, 5, 5, 6]]
+    assert mapping.block_scales(qw(96, "channel", None, s[:, :1])).tolist() == [[1, 1, 1], [4, 4, 4]]
+    assert mapping.block_scales(qw(64, "tensor", None, torch.tensor([7.0]))).tolist() == [[7, 7], [7, 7]]
+    g_idx = torch.tensor([2] * 32 + [0] * 64 + [2] * 32, dtype=torch.int32)
+    unused = s.clone()
+    unused[:, 1] = 65536.0  # group 1 is in no block: not fp16, never written
+    acted = qw(128, "group", 64, unused, g_idx)
+    assert mapping.block_scales(acted).tolist() == [[3, 1, 1, 3], [6, 4, 4, 6]]
+    assert mapping.data_reason(acted, "Q4_0") is None
+    unused[:, 0] = 65536.0
+    assert "fp16" in mapping.data_reason(qw(128, "group", 64, unused, g_idx), "Q4_0")

@@ -105,6 +105,16 @@ def test_from_stream_equals_the_tile_construction(shape):
         assert equal_bits(as_u32(got), closed_form(u, 4))
 
 
+def test_from_stream_in_bands_equals_the_closed_form(monkeypatch):
+    """Five 64-row tiles in bands of two (the last band short) give the closed form's words."""
+    from ct_convert import bitpack
+
+    monkeypatch.setattr(bitpack, "BAND_BYTES", 2 * 64 * 8 * 4)
+    signed = torch.randint(-8, 8, (320, 64), generator=torch.Generator().manual_seed(5), dtype=torch.int8)
+    got = ml.marlin_weights_from_stream(pack_lib.pack_to_int32(signed, 4))
+    assert equal_bits(as_u32(got), closed_form(signed.to(torch.int64).t() + 8, 4))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_act_order_repack_equals_reference_on_permuted_rows(bits):
     k, n, gs = 256, 128, 64

@@ -55,13 +55,18 @@ def test_int4_packing_equals_modelopt(cli, tmp_path):
 
 
 def test_int4_packing_of_stacked_experts_equals_modelopt():
-    from ct_convert.targets.int4_rows import pack
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from ct_convert.targets.int4_rows import from_stream, pack
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (3, 8, 256), generator=g, dtype=torch.int8)
     scale = torch.rand(3, 8, 2, generator=g) + 0.5
     w = codes.to(torch.float32) * scale.repeat_interleave(128, -1)
-    assert torch.equal(pack(codes), quant_utils.pack_int4_in_uint8(w, scale, 128))
+    want = quant_utils.pack_int4_in_uint8(w, scale, 128)
+    assert torch.equal(pack(codes), want)
+    stream = pack_to_int32(codes.reshape(-1, 256), 4).reshape(3, 8, 32)  # what pack-quantized sources hold
+    assert torch.equal(from_stream(stream), want)
 
 
 def _nvfp4_scheme(activations: bool) -> QuantizationScheme:

@@ -301,6 +301,7 @@ def test_int4_rows_stream_by_hand():
     assert bitwise_equal(int4_rows.stream(packed), _stream_by_hand(u))
     assert bitwise_equal(int4_rows.unsigned_codes(packed), u)
     assert bitwise_equal(int4_rows.codes_of_stream(int4_rows.stream(packed)), u)
+    assert bitwise_equal(int4_rows.from_stream(_stream_by_hand(u)), packed)  # the writers' direction
 
 
 @pytest.mark.parametrize(

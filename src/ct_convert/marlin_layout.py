@@ -105,6 +105,18 @@ def marlin_weights_from_stream(stream: torch.Tensor) -> torch.Tensor:
     if width % 2 or n % 64:
         raise ValueError(f"Marlin needs K % 16 == 0 and N % 64 == 0, got K={8 * width}, N={n}")
     q = stream.contiguous().view(torch.int64).reshape(nt, 4, 2, 8, kt)  # [nt, w, f, a, kt]
+    out = torch.empty(kt, nt, 8, 4, 4, dtype=torch.int32, device=stream.device)
+    # in bands of 64-row tiles: the dozen whole-tensor steps below then run in cache, and each band's
+    # result lands as 512-byte runs of the output
+    step = max(1, bitpack.BAND_BYTES // (64 * width * 4))
+    for t in range(0, nt, step):
+        out[:, t:t + step] = _tile_words(q[t:t + step])
+    return out.reshape(kt, -1)
+
+
+def _tile_words(q: torch.Tensor) -> torch.Tensor:
+    """int64 [nt, w, f, a, kt] stream words of 64-row tiles -> int32 [kt, nt, a, c, w] Marlin words."""
+    nt, kt = q.shape[0], q.shape[-1]
     words = q.permute(4, 0, 3, 1, 2).contiguous().view(torch.int32).reshape(kt, nt, 8, 4, 2, 2)  # [kt, nt, a, w, f, h]
     y = []
     for e in range(2):
@@ -115,7 +127,7 @@ def marlin_weights_from_stream(stream: torch.Tensor) -> torch.Tensor:
         t = ((y[i] >> shift) ^ y[j]) & mask  # arithmetic-shift sign bits fall outside the mask
         y[j] = y[j] ^ t
         y[i] = y[i] ^ (t << shift)
-    return torch.stack(y, dim=3).reshape(kt, -1)  # [kt, nt, a, c, w]: word 16a + 4c + w of each tile
+    return torch.stack(y, dim=3)  # [kt, nt, a, c, w]: word 16a + 4c + w of each tile
 
 
 def gptq_marlin_repack(qweight: torch.Tensor, perm: torch.Tensor | None, size_k: int, size_n: int, bits: int) -> torch.Tensor:

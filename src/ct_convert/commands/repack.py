@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import time
 from pathlib import Path
 
-from ct_convert import __version__, console
+from ct_convert import __version__, console, heap
 from ct_convert.errors import VerificationFailed
 from ct_convert.manifest import NAME as MANIFEST, encode as encode_manifest
 from ct_convert.output import OutputFolder, write_bytes_with_hash
@@ -20,6 +19,7 @@ from ct_convert.verify import compare
 
 
 def repack(source: str, output: str | Path, opts: RepackOptions, *, revision: str | None, force: bool, show_progress: bool) -> dict:
+    heap.keep_freed()
     with one_torch_thread_per_worker(opts.workers):
         return _repack(source, output, opts, revision=revision, force=force, show_progress=show_progress)
 
@@ -37,7 +37,7 @@ def _repack(source: str, output: str | Path, opts: RepackOptions, *, revision: s
         with console.progress_bar(f"repack → {opts.target}", total, show_progress) as advance:
             written = writer.write(plan, reader, tmp, opts, advance)
         if opts.verify:
-            _return_free_memory()  # what writing freed, before verification allocates its own
+            heap.return_freed()  # what writing freed, before verification allocates its own
             with console.progress_bar("verify", total, show_progress) as advance:
                 _verify_into(reader, tmp, modules, advance, opts.workers)
         manifest = _manifest(source, files.revision, opts, plan, written, modules)
@@ -58,14 +58,6 @@ def _repack(source: str, output: str | Path, opts: RepackOptions, *, revision: s
         "notes": plan.notes,
         "warnings": plan.warnings,
     }
-
-
-def _return_free_memory() -> None:
-    """glibc keeps freed memory in its arenas; give it back so the two phases' peaks do not add up."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _verify_into(reader, folder: Path, modules: dict[str, dict], advance, workers: int) -> None:

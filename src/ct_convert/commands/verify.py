@@ -8,7 +8,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from ct_convert import console, manifest
+from ct_convert import console, heap, manifest
 from ct_convert.console import safe
 from ct_convert.parallel import one_torch_thread_per_worker
 from ct_convert.readers.checkpoint import open_checkpoint
@@ -18,6 +18,7 @@ from ct_convert.verify import ModuleResult, compare
 
 
 def verify_pair(source: str, output: Path, atol: float | None, revision: str | None, show_progress: bool) -> list[ModuleResult]:
+    heap.keep_freed()
     reader = open_checkpoint(resolve(source, revision))
     out = open_output(output, reader.architecture)
     workers = os.cpu_count() or 1

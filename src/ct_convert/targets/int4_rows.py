@@ -10,11 +10,34 @@ import torch
 
 from ct_convert import bitpack
 
+_SIGN_FLIP = 0x8888888888888888 - (1 << 64)  # every nibble's top bit, as a signed int64
+
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """Signed int4 codes int8 [.., N, K] -> uint8 [.., N/2, K]."""
     b = codes.view(torch.uint8)  # two's-complement bytes: the low nibble is the int4 code
     return (b[..., 0::2, :] & 0xF) | (b[..., 1::2, :] << 4)
+
+
+def from_stream(words: torch.Tensor) -> torch.Tensor:
+    """int32 [.., N, K/8] LSB-first 4-bit streams of unsigned codes -> uint8 [.., N/2, K] as `pack` lays
+    out their signed codes, without unpacking: `stream`'s steps undone (the nibble swap is its own
+    inverse)."""
+    *lead, n, width = words.shape
+    if n % 2:
+        raise ValueError(f"two rows to a byte needs an even row count, got {n}")
+    pairs = words.contiguous().view(torch.uint8).reshape(-1, 2, 4 * width)
+    return bitpack.by_rows(_from_row_pairs, pairs).reshape(*lead, n // 2, 8 * width)
+
+
+def _from_row_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, 2, K/2] (the streams of rows 2j and 2j + 1) -> uint8 [R, K]."""
+    half, _, k2 = pairs.shape
+    out = torch.empty(half, k2, 2, dtype=torch.uint8, device=pairs.device)
+    out.copy_(pairs.transpose(1, 2))
+    scratch = torch.empty(half * k2 // 4, dtype=torch.int64, device=pairs.device)
+    lanes = bitpack.shuffle(out.view(-1).view(torch.int64), 4, 0x00F000F000F000F0, scratch)
+    return lanes.bitwise_xor_(_SIGN_FLIP).view(torch.uint8).view(half, 2 * k2)
 
 
 def unsigned_codes(packed: torch.Tensor) -> torch.Tensor:

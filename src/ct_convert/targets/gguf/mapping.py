@@ -7,6 +7,8 @@ before any tensor info is written; `encode` produces the bytes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ct_convert import bitpack, floatcodes
@@ -80,10 +82,16 @@ def block_columns(qw: QuantizedWeight) -> torch.Tensor:
 
 def block_scales(qw: QuantizedWeight) -> torch.Tensor:
     """float [..., N, K/32]: the multiplier `d` of every Q4_0/Q5_0/Q8_0 block."""
+    s = qw.group_scales()
     if qw.encoding is Encoding.FP6:
         # E2M3 values are multiples of 1/8: store 8·v as int8 and 2^(E-127)/8 as d (gguf.md §2.4)
-        return qw.group_scales().to(torch.float32).index_select(-1, block_columns(qw)) / 8
-    return qw.group_scales().index_select(-1, block_columns(qw))
+        s = s.to(torch.float32) / 8
+    if qw.g_idx is None and qw.effective_group_size % QK == 0:
+        # groups in column order, whole blocks each: every scale repeated per block (a gather along a
+        # short last dimension is ~10x slower)
+        per, blocks = qw.effective_group_size // QK, math.ceil(qw.in_features / QK)
+        return s.unsqueeze(-1).expand(*s.shape, per).reshape(*s.shape[:-1], -1)[..., :blocks]
+    return s.index_select(-1, block_columns(qw))
 
 
 def data_reason(qw: QuantizedWeight, ggml: str) -> str | None:
@@ -92,9 +100,12 @@ def data_reason(qw: QuantizedWeight, ggml: str) -> str | None:
         g = qw.column_groups()
         if g.numel() % QK or not bool((g.reshape(-1, QK) == g[:: QK, None]).all()):
             return "g_idx is not constant on each aligned 32-column block"
-        d = block_scales(qw)
+        # each block's d is its group's scale: checked once per group that some block reads
+        d = qw.group_scales() if qw.encoding is not Encoding.FP6 else block_scales(qw)
+        if qw.g_idx is not None and qw.encoding is not Encoding.FP6:
+            d = d.index_select(-1, block_columns(qw).unique())
         # d is finite (the reader refuses NaN/Inf scales): one beyond fp16's range becomes inf, unequal
-        if not torch.equal(d.to(torch.float16).to(d.dtype), d):
+        if d.dtype != torch.float16 and not torch.equal(d.to(torch.float16).to(d.dtype), d):
             return "a scale is not exactly representable in fp16 (ggml's block scale)"
         return None
     if ggml == "NVFP4":

@@ -59,7 +59,9 @@ def tensors(qw: QuantizedWeight, algo: Algo, dtype: torch.dtype, extras: dict[st
     lead = tuple(lead)
     if a == facts.W4A16_AWQ:
         scale = exact_cast(qw.group_scales(), dtype, f"{qw.name}.weight_scale")
-        return {"weight": int4_rows.pack(qw.codes), "weight_scale": scale,
+        stream = qw.packed_stream if k % 8 == 0 else None  # whole words per row: moved without unpacking
+        weight = int4_rows.from_stream(stream) if stream is not None else int4_rows.pack(qw.codes)
+        return {"weight": weight, "weight_scale": scale,
                 "pre_quant_scale": torch.ones((*lead, k), dtype=dtype)}
     if a == facts.W8A16:
         return {"weight": qw.codes, "weight_scale": exact_cast(qw.group_scales().reshape(*lead, n), dtype, f"{qw.name}.weight_scale")}

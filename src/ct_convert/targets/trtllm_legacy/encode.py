@@ -81,17 +81,19 @@ def _quantized(reader: SourceReader, plan: planning.Layout, lp: planning.LinearP
         codes = [q.codes for q in qws]
         return [{"weight": _shard(plan, lp, codes, r), "weights_scaling_factor": wscale,
                  "activation_scaling_factor": ascale} for r in range(plan.tp)]
-    codes = [q.codes for q in qws]
+    streams = _whole_word_streams(plan, lp, qws) if algo == planning.W4A16_AWQ else None
+    codes = [q.codes for q in qws] if not streams else None
     scales = [exact_cast(q.group_scales(), dt, f"{q.name}.weight_scale") for q in qws]
     zeros = [q.group_zero_points() for q in qws] if algo == planning.W4A16_GPTQ else None
     out = []
     for r in range(plan.tp):
-        s = _shard(plan, lp, codes, r)  # int8 [n, k]
+        s = _shard(plan, lp, codes, r) if codes else None  # int8 [n, k]
         per_channel = algo not in planning.GROUPWISE and lp.linear.parallel == ROW
         scale = scales[0] if per_channel else _shard(plan, lp, scales, r)  # [n, G]: a row split keeps whole channels
         if algo == planning.W4A16_AWQ:
-            out.append({"weight": int4_rows.pack(s).view(torch.int8), "weights_scaling_factor": scale,
-                        "prequant_scaling_factor": torch.ones(s.shape[1], dtype=dt)})
+            packed = int4_rows.from_stream(_shard(plan, lp, streams, r)) if streams else int4_rows.pack(s)
+            out.append({"weight": packed.view(torch.int8), "weights_scaling_factor": scale,
+                        "prequant_scaling_factor": torch.ones(packed.shape[1], dtype=dt)})
         elif algo == planning.W4A16_GPTQ:
             weight = preprocess_weights_for_mixed_gemm(s.t().contiguous(), 4, plan.sm).view(dt)
             z = _shard(plan, lp, zeros, r)
@@ -105,3 +107,14 @@ def _quantized(reader: SourceReader, plan: planning.Layout, lp: planning.LinearP
             out.append({"weight": preprocess_weights_for_mixed_gemm(s.t().contiguous(), bits, plan.sm),
                         "per_channel_scale": scale.reshape(-1)})
     return out
+
+
+def _whole_word_streams(plan: planning.Layout, lp: planning.LinearPlan, qws: list) -> list[torch.Tensor] | None:
+    """The parts' packed 4-bit streams when every rank's slice of them is whole words (8 codes), so
+    W4A16_AWQ's bytes come from them without unpacking; None otherwise."""
+    k = qws[0].shape[-1]
+    share = k // plan.tp if lp.linear.parallel == ROW else k
+    if share % 8:
+        return None
+    streams = [q.packed_stream for q in qws]
+    return streams if all(s is not None for s in streams) else None

@@ -1,8 +1,9 @@
 """`--target trtllm-legacy`: a TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) for trtllm-build.
 
 Not an HF folder: q/k/v are fused, tensors renamed and split per tensor-parallel rank. Every rank file's
-header is planned from header facts first; then fused linears are produced one at a time and each
-rank's shard is streamed into its file, so memory holds one fused linear (one layer's q/k/v at most).
+header is planned from header facts first; then fused linears are produced in order, up to `--workers`
+ahead within parallel.ordered_map's memory budget, and each rank's shard is streamed into its file, so
+memory holds a few fused linears (one layer's q/k/v at most each).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Plan, Unit, tensor_output
 from ct_convert.readers.checkpoint import SourceReader
 from ct_convert.safetensors_out import SafetensorsFileWriter, TensorSpec
@@ -55,8 +57,8 @@ class TRTLLMWriter(TargetWriter):
         specs = [[TensorSpec(o.name, o.torch_dtype, o.shape) for o in plan.outputs() if o.file == f] for f in ranks]
         writers = [SafetensorsFileWriter(out / f, s, meta) for f, s in zip(ranks, specs)]
         try:
-            for unit in plan.units:
-                produced = unit.detail()
+            cost = lambda u: u.source_bytes + sum(o.nbytes for o in u.outputs)  # noqa: E731
+            for unit, produced in ordered_map(lambda u: (u, u.detail()), plan.units, max(1, opts.workers), cost=cost):
                 for o in unit.outputs:
                     writers[ranks.index(o.file)].add(o.name, produced[ranks.index(o.file)][o.name])
                 progress(unit.source_bytes)
