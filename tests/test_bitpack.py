@@ -67,7 +67,7 @@ def test_by_rows_bands_give_the_whole_tensor_result(monkeypatch):
     from a stream and back, the int4 row-pair stream, AWQ's transposition and its stream."""
     from ct_convert.targets import int4_rows
     from ct_convert.targets.awq.reader import awq_stream
-    from ct_convert.targets.awq.writer import transpose_awq
+    from ct_convert.targets.awq.writer import pack_awq, transpose_awq
     from ct_convert.targets.gguf.blocks import q4_0_from_stream
     from ct_convert.targets.gguf.reader import _q4_0_stream
 
@@ -81,9 +81,10 @@ def test_by_rows_bands_give_the_whole_tensor_result(monkeypatch):
     monkeypatch.setattr(bitpack, "BAND_BYTES", 200)  # 3 rows of the stream, 3 of the row pairs per band
     banded = bitpack.by_rows(q4_0_from_stream, stream, d)
     assert equal_bits(banded, whole[0])
-    assert equal_bits(bitpack.by_rows(_q4_0_stream, banded.view(37, 4, 18)[..., 2:]), stream)
+    assert equal_bits(bitpack.by_rows(_q4_0_stream, banded.view(torch.int16).view(37, 4, 9)[..., 1:]), stream)
     assert equal_bits(int4_rows.stream(packed), whole[1])
     assert equal_bits(int4_rows.from_stream(words), whole[3])  # bands of 1 row pair (104 bytes)
     assert equal_bits(int4_rows.stream(whole[3]), words)
     assert equal_bits(transpose_awq(words), whole[2])  # bands of 3 words of K
-    assert equal_bits(awq_stream(whole[2]), words)  # bands of 8 rows of K
+    wide = torch.randint(-2**31, 2**31 - 1, (320, 13), generator=g, dtype=torch.int32)  # 40 words of N
+    assert equal_bits(awq_stream(pack_awq(bitpack.unpack(wide, 4, 104).t())), wide)  # bands of 16, 16, 8 words

@@ -262,10 +262,11 @@ def test_awq_stream_by_hand():
     assert bitwise_equal(awq_stream(qweight), _stream_by_hand(u))
 
 
-def test_marlin_stream_by_hand():
+def test_marlin_stream_by_hand(monkeypatch):
     """targets.md §1.2's closed form: word 128nt + 4t + w of row kt holds, nibble 0 first, the codes at
     (k0,n0) (k0+8,n0) (k0,n0+8) (k0+8,n0+8) (k0+1,n0) (k0+9,n0) (k0+1,n0+8) (k0+9,n0+8), with
     k0 = 16kt + 2(t % 4), n0 = 64nt + 16w + t // 4; checked against the spec's test vector first."""
+    from ct_convert import bitpack
     from ct_convert.targets.marlin.reader import marlin_stream
 
     def build(u):  # u [K, N]
@@ -288,6 +289,9 @@ def test_marlin_stream_by_hand():
     assert vector[0, :8].tolist() == _int32([expect]).tolist()[0]
     assert vector[0, 124:].tolist() == _int32([[0x499ADFAE, 0xA1F507D3, 0x3C803C3B, 0x94E86460]]).tolist()[0]
     u = torch.randint(0, 16, (32, 128), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)  # [K, N]
+    assert bitwise_equal(marlin_stream(build(u)), _stream_by_hand(u.t()))
+    u = torch.randint(0, 16, (32, 320), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    monkeypatch.setattr(bitpack, "BAND_BYTES", 2 * 2 * 512)  # five tiles in bands of two, the last short
     assert bitwise_equal(marlin_stream(build(u)), _stream_by_hand(u.t()))
 
 

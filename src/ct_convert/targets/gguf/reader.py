@@ -118,8 +118,9 @@ class GGUFOutput:
         size, zero = block_bytes(qtype), _ZERO_CODE[qtype]
         raw = torch.from_numpy(self._copy(t, t.data if expert is None else t.data[expert]))  # [N, row bytes]
         n = raw.shape[0]
-        blocks = _restore_rows([(part, raw.reshape(n, -1, size))])
-        scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, -1).t()
+        blocks = _restore_rows([(part, raw.reshape(n, -1, size))]).contiguous()
+        halves = blocks.view(torch.int16)  # [N, nb, size / 2]: the fp16 scale first (strided int16 copies are the fast ones)
+        scales = halves[..., 0].view(torch.float16).t()
         qs = blocks[..., 2:]
 
         def unpack() -> torch.Tensor:
@@ -127,7 +128,7 @@ class GGUFOutput:
                 return (qs.contiguous().view(torch.int8) ^ -128).view(torch.uint8).reshape(n, -1)  # q + 128
             return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
 
-        stream = bitpack.by_rows(_q4_0_stream, qs) if qtype == "Q4_0" else None
+        stream = bitpack.by_rows(_q4_0_stream, halves[..., 1:]) if qtype == "Q4_0" else None
         return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales, stream=stream)
 
     def dequantize(self, module: str) -> torch.Tensor | None:
@@ -238,22 +239,23 @@ class GGUFOutput:
 
 
 def _q4_0_stream(qs: torch.Tensor) -> torch.Tensor:
-    """Q4_0 quant bytes [N, nb, 16] (byte j: element j low, j + 16 high) -> each row's unsigned codes as
-    an LSB-first 4-bit stream int32 [N, nb*4] (element 2i low in byte i), what verification compares
-    with the source's packed words instead of unpacking both. Byte pairs (2i, 2i + 1) are 16-bit lanes
-    of int64 words: stream byte i takes their low nibbles, byte 8 + i their high ones."""
+    """Q4_0 quant bytes, read as int16 [N, nb, 8] (byte j: element j low, j + 16 high) -> each row's
+    unsigned codes as an LSB-first 4-bit stream int32 [N, nb*4] (element 2i low in byte i), what
+    verification compares with the source's packed words instead of unpacking both.
+
+    Byte pair (2i, 2i + 1) is a 16-bit lane holding the nibbles of elements 2i, 2i + 16, 2i + 1,
+    2i + 17: swapping the middle two makes it stream byte i (elements 2i, 2i + 1) then stream byte
+    8 + i. Two byte swaps gather each int64's four low bytes before its four high ones, and one swap
+    of 32-bit halves between a block's two int64s puts bytes 0..7 in the first and 8..15 in the second.
+    """
     n, nb, _ = qs.shape
-    p = qs.contiguous().view(torch.int64)  # [N, nb, 2]
-    low = _lane_bytes((p & 0x000F000F000F000F) | ((p >> 4) & 0x00F000F000F000F0))  # elements 0..15
-    high = _lane_bytes(((p >> 4) & 0x000F000F000F000F) | ((p >> 8) & 0x00F000F000F000F0))  # elements 16..31
-    words = torch.stack((low[..., 0] | (low[..., 1] << 32), high[..., 0] | (high[..., 1] << 32)), dim=-1)
-    return words.view(torch.int32).reshape(n, nb * 4)
-
-
-def _lane_bytes(x: torch.Tensor) -> torch.Tensor:
-    """The low byte of each 16-bit lane of int64 words, packed into their low 4 bytes."""
-    x = (x | (x >> 8)) & 0x0000FFFF0000FFFF
-    return (x | (x >> 16)) & 0xFFFFFFFF
+    x = qs.contiguous().view(torch.int64)  # [N, nb, 2]
+    scratch = torch.empty_like(x)
+    bitpack.shuffle(x, 4, 0x00F000F000F000F0, scratch)
+    bitpack.shuffle(x, 8, 0x0000FF000000FF00, scratch)
+    bitpack.shuffle(x, 16, 0x00000000FFFF0000, scratch)
+    bitpack.exchange(x[..., 0], x[..., 1], 32, 0xFFFFFFFF, scratch)
+    return x.view(torch.int32).view(n, nb * 4)
 
 
 def _element_shape(t, expert: int | None) -> tuple[int, ...]:

@@ -51,10 +51,21 @@ def marlin_stream(b: torch.Tensor) -> torch.Tensor:
     """
     kt, words = b.shape
     nt = words // 128
-    x = torch.empty(nt, 4, 8, kt, 4, dtype=torch.int32, device=b.device)  # [nt, w, a, kt, c]
-    bitpack.reordered(x, b.reshape(kt, nt, 8, 4, 4).permute(1, 4, 2, 0, 3), 3)
+    tiles = b.reshape(kt, nt, 128)
+    out = torch.empty(64 * nt, 2 * kt, dtype=torch.int32, device=b.device)
+    step = max(1, bitpack.BAND_BYTES // (kt * 512))  # bands of 64-column tiles, run in cache
+    for t in range(0, nt, step):
+        out[64 * t:64 * (t + step)] = _tile_streams(tiles[:, t:t + step])
+    return out
+
+
+def _tile_streams(tiles: torch.Tensor) -> torch.Tensor:
+    """`marlin_stream` of the tiles int32 [K/16, nt, 128] of nt 64-column tiles -> int32 [64 nt, K/8]."""
+    kt, nt = tiles.shape[:2]
+    x = torch.empty(nt, 4, 8, kt, 4, dtype=torch.int32, device=tiles.device)  # [nt, w, a, kt, c]
+    x.copy_(tiles.reshape(kt, nt, 8, 4, 4).permute(1, 4, 2, 0, 3))
     q = x.view(torch.int64)  # [nt, w, a, kt, 2]
-    out = torch.empty(nt, 4, 2, 8, kt, dtype=torch.int64, device=b.device)  # [nt, w, f, a, kt] of (h = 0 | h = 1); scratch until then
+    out = torch.empty(nt, 4, 2, 8, kt, dtype=torch.int64, device=tiles.device)  # [nt, w, f, a, kt] of (h = 0 | h = 1); scratch until then
     bitpack.shuffle(bitpack.shuffle(q, 8, 0x0000FF000000FF00, out), 4, 0x00F000F000F000F0, out)  # nibble 4e + fh -> 2fh + e
     bitpack.exchange(q[..., 0], q[..., 1], 16, 0x0000FFFF0000FFFF, out)  # half words: c0 <-> c2, c1 <-> c3
     bitpack.shuffle(q, 24, 0xFF00FF00, out)  # bytes: c0 <-> c1, c2 <-> c3
