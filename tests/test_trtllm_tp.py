@@ -181,3 +181,22 @@ def test_groupwise_shapes_that_trtllm_would_pad_are_refused(cli, tmp_path):
     # hidden 128 at tp 2: TensorRT-LLM pads groupwise layers to multiples of max(64, 128) x 2
     r = cli("repack", FIXTURES / "w4a16-g128", out, "--target", "trtllm-legacy", "--tp-size", "2")
     assert r.code == 2 and "would pad" in r.err and not out.exists()
+
+
+def test_embedding_and_lm_head_are_streamed_in_bands(cli, tmp_path, monkeypatch):
+    """Bands of 3 rows (tensorstore.BAND_BYTES patched): the embedding written to both ranks and each
+    rank's 32 rows of lm_head (a band straddles the split) equal the source's rows bit for bit, and
+    verification reads them back in bands."""
+    from ct_convert import tensorstore
+
+    src = make_checkpoint(tmp_path / "src", "sym-g128")
+    monkeypatch.setattr(tensorstore, "BAND_BYTES", 3 * H * 2)
+    out = tmp_path / "o"
+    r = cli("repack", src, out, "--target", "trtllm-legacy", "--tp-size", "2", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["verified"] is True
+    source = load_file(src / "model.safetensors")
+    for rank in range(2):
+        t = load_file(out / f"rank{rank}.safetensors")
+        assert equal_bits(t["transformer.vocab_embedding.weight"], source["model.embed_tokens.weight"])
+        assert equal_bits(t["lm_head.weight"], source["lm_head.weight"][rank * V // 2:(rank + 1) * V // 2])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert.bands import Bands, banded
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
 from ct_convert.targets import int4_rows
@@ -217,6 +218,20 @@ class TRTLLMOutput:
         if suffix == "bias" and PROJECTION.match(module):
             return self._bias(module)
         return None
+
+    def tensor_bands(self, name: str) -> "torch.Tensor | Bands | None":
+        """The embedding and lm_head (the large carried tensors), read a band of rows at a time; the
+        others whole (`tensor`)."""
+        if name == "lm_head.weight":
+            stores = [store for store in self.ranks if name in store]
+            if len(stores) != self.tp:
+                return None
+            metas = [store.meta(name) for store in stores]
+            shape = (sum(m.shape[0] for m in metas), *metas[0].shape[1:])
+            return Bands(metas[0].torch_dtype, shape, lambda: (b for store in stores for b in store.bands(name)))
+        if name in TOP_LEVEL and TOP_LEVEL[name] in self.ranks[0]:
+            return banded(self.ranks[0], TOP_LEVEL[name])
+        return self.tensor(name)
 
     def _bias(self, module: str) -> torch.Tensor | None:
         m = PROJECTION.match(module)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ct_convert.bands import Bands, carried
 from ct_convert.parallel import ordered_map
 from ct_convert.plan import CARRY, CONVERTED, DEQUANTIZE, ENCODE, FALLBACK, ModulePlan, Plan, Unit, tensor_output
 from ct_convert.readers.checkpoint import SourceReader
@@ -148,7 +149,7 @@ def _units(reader: SourceReader, plan: planning.Layout) -> list[Unit]:
         spec = TensorSpec(trt, dt, m.shape)
 
         def produce():
-            t = _cast(reader.get(src), dt, src)
+            t = carried(reader, src, lambda x: _cast(x, dt, src), dt)  # a large one as bands, read per rank
             return [{trt: t}] * plan.tp
 
         items.append(_unit([src], [[spec]] * plan.tp, CARRY, produce, m.nbytes))
@@ -210,10 +211,12 @@ def _lm_head_item(reader: SourceReader, plan: planning.Layout) -> Unit:
     def produce():
         if plan.lm_head == "module":
             w = reader.read("lm_head").dequantize(plan.dtype)
-        else:
-            src = "lm_head.weight" if plan.lm_head == "tensor" else "model.embed_tokens.weight"
-            w = _cast(reader.get(src), plan.dtype, src)
-        return [{"lm_head.weight": column_shard([w], plan.tp, r)} for r in range(plan.tp)]
+            return [{"lm_head.weight": column_shard([w], plan.tp, r)} for r in range(plan.tp)]
+        src = "lm_head.weight" if plan.lm_head == "tensor" else "model.embed_tokens.weight"
+        w = carried(reader, src, lambda x: _cast(x, plan.dtype, src), plan.dtype)
+        if isinstance(w, torch.Tensor):
+            return [{"lm_head.weight": column_shard([w], plan.tp, r)} for r in range(plan.tp)]
+        return [{"lm_head.weight": _row_range(w, r * (v // plan.tp), (r + 1) * (v // plan.tp))} for r in range(plan.tp)]
 
     source = {"module": "lm_head", "tensor": "lm_head.weight", "tied": "model.embed_tokens.weight"}[plan.lm_head]
     how = DEQUANTIZE if plan.lm_head == "module" else CARRY
@@ -221,3 +224,17 @@ def _lm_head_item(reader: SourceReader, plan: planning.Layout) -> Unit:
 
 
 Writer = TRTLLMWriter
+
+
+def _row_range(whole: Bands, start: int, stop: int) -> Bands:
+    """Rows [start, stop) of a banded tensor, as bands (each rank's vocabulary slice of lm_head)."""
+
+    def produce():
+        at = 0
+        for band in whole:
+            lo, hi = max(start, at), min(stop, at + band.shape[0])
+            if lo < hi:
+                yield band[lo - at:hi - at]
+            at += band.shape[0]
+
+    return Bands(whole.dtype, (stop - start, *whole.shape[1:]), produce)
