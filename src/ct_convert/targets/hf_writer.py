@@ -161,7 +161,7 @@ class HFWriter(TargetWriter):
             if opts.device != "cpu":
                 qw = qw.to(opts.device)
             if unit.how == DEQUANTIZE:
-                produced = {"weight": qw.dequantize(unit.outputs[0].torch_dtype)}
+                produced = {"weight": qw.dequantized_bands(unit.outputs[0].torch_dtype)}
             else:
                 produced = self.convert_module(reader, qw, opts)
             return {f"{source}.{k}": v for k, v in produced.items()}

@@ -19,7 +19,7 @@ class DenseWriter(HFWriter):
         return [TensorSpec("weight", opts.dtype or info.dtype, info.shape)]
 
     def convert(self, qw: QuantizedWeight, opts: RepackOptions) -> dict:
-        return {"weight": qw.dequantize(opts.dtype or qw.dtype)}
+        return {"weight": qw.dequantized_bands(opts.dtype or qw.dtype)}
 
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> None:
         return None
