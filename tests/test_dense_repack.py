@@ -138,12 +138,34 @@ def test_output_is_byte_identical_across_runs_and_worker_counts(cli, tmp_path, t
 def test_dense_bands_hold_the_library_decompression(cli, tmp_path, monkeypatch, name):
     """Dequantized weights streamed as bands of rows (ROW_BAND_ELEMENTS patched: bands of 3 rows at
     most, the last one short) equal the library's decompression, as whole weights do."""
-    from ct_convert import qweight
+    from ct_convert import qweight, tensorstore
 
     monkeypatch.setattr(qweight, "ROW_BAND_ELEMENTS", 3 * 128 + 1)
+    monkeypatch.setattr(tensorstore, "BAND_BYTES", 5 * 128 * 2)  # verification reads the output in bands of 5 rows
     out = tmp_path / "out"
     r = cli("repack", FIXTURES / name, out, "--target", "dense", "--json")
     assert r.code == 0 and r.json()["verified"] is True, r.err
     store = open_store(out)
     for key, want in load_file(FIXTURES / name / "reference.safetensors").items():
         assert equal_bits(store.get(key), want), key
+
+
+def test_dense_bands_verification_finds_a_changed_last_value(cli, tmp_path, monkeypatch):
+    from ct_convert import qweight, tensorstore
+    from ct_convert.bands import pieces
+    from ct_convert.targets.dense.writer import DenseWriter
+
+    monkeypatch.setattr(qweight, "ROW_BAND_ELEMENTS", 3 * 128 + 1)
+    monkeypatch.setattr(tensorstore, "BAND_BYTES", 5 * 128 * 2)
+    real = DenseWriter.convert
+
+    def last_value_off_by_one_ulp(self, qw, opts):
+        out = real(self, qw, opts)
+        if qw.name.endswith("mlp.down_proj"):
+            out["weight"] = torch.cat(list(pieces(out["weight"])))
+            out["weight"].view(torch.int16)[-1, -1] += 1
+        return out
+
+    monkeypatch.setattr(DenseWriter, "convert", last_value_off_by_one_ulp)
+    r = cli("repack", FIXTURES / "w4a16-g128", tmp_path / "out", "--target", "dense")
+    assert r.code == 1 and "down_proj" in r.err

@@ -28,6 +28,7 @@ class OutputReader(Protocol):
         `as_stored(name, source)`, the value `tensor` must then equal."""
 
     # optional: tensor_bands(name) -> Bands | None, the same read a band of rows at a time
+    # optional: stored_dense(module) -> Bands | None, a module stored as float values, in bands
 
 
 
@@ -102,6 +103,10 @@ class HFOutputReader:
 
     def decode(self, module: str) -> GroupCodes | None:
         return None
+
+    def stored_dense(self, module: str) -> Bands | None:
+        """A module written as a float `.weight`, read a band of rows at a time, or None."""
+        return banded(self.store, f"{module}.weight") if f"{module}.weight" in self.store else None
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.store.get(name) if name in self.store else None
