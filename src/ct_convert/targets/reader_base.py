@@ -106,7 +106,7 @@ class HFOutputReader:
 
     def stored_dense(self, module: str) -> Bands | None:
         """A module written as a float `.weight`, read a band of rows at a time, or None."""
-        return banded(self.store, f"{module}.weight") if f"{module}.weight" in self.store else None
+        return self.tensor_bands(f"{module}.weight")
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.store.get(name) if name in self.store else None

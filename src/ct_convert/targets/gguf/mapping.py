@@ -100,10 +100,12 @@ def data_reason(qw: QuantizedWeight, ggml: str) -> str | None:
         g = qw.column_groups()
         if g.numel() % QK or not bool((g.reshape(-1, QK) == g[:: QK, None]).all()):
             return "g_idx is not constant on each aligned 32-column block"
-        # each block's d is its group's scale: checked once per group that some block reads
-        d = qw.group_scales() if qw.encoding is not Encoding.FP6 else block_scales(qw)
-        if qw.g_idx is not None and qw.encoding is not Encoding.FP6:
-            d = d.index_select(-1, block_columns(qw).unique())
+        if qw.encoding is Encoding.FP6:
+            d = block_scales(qw)
+        else:  # each block's d is its group's scale: checked once per group that some block reads
+            d = qw.group_scales()
+            if qw.g_idx is not None:
+                d = d.index_select(-1, block_columns(qw).unique())
         # d is finite (the reader refuses NaN/Inf scales): one beyond fp16's range becomes inf, unequal
         if d.dtype != torch.float16 and not torch.equal(d.to(torch.float16).to(d.dtype), d):
             return "a scale is not exactly representable in fp16 (ggml's block scale)"
