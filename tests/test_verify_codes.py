@@ -323,3 +323,97 @@ def test_verify_finds_one_changed_code(cli, tmp_path, fixture, target, tensor, x
     r = cli("verify", FIXTURES / fixture, out, "--json")
     assert r.code == 1
     assert [m["module"] for m in r.json()["results"] if not m["ok"]] == [module]
+
+
+class _SlowWholeComparisons:
+    """An output reader whose codes never match the source's (one bit of every code flipped) and whose
+    whole-weight reads are slow and counted, budgeted as codes (`light`) or as whole weights."""
+
+    working_bytes_per_weight = 12
+
+    def __init__(self, inner, light: bool):
+        import threading
+
+        self.inner, self.light = inner, light
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+
+    def bytes_per_weight(self, module):
+        return 3 if self.light else self.working_bytes_per_weight
+
+    def decode(self, module):
+        import dataclasses
+
+        d = self.inner.decode(module)
+        return None if d is None else dataclasses.replace(d, stream=None, unpack=lambda: d.unpack() ^ 1)
+
+    def dequantize(self, module):
+        import time
+
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.05)
+        try:
+            return self.inner.dequantize(module)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("light,most", [(True, 1), (False, 2)])
+def test_whole_comparisons_beyond_a_modules_budget_run_one_at_a_time(cli, tmp_path, light, most):
+    """A module budgeted as codes whose codes differ is compared as whole weights, beyond its budget:
+    never two at once; modules budgeted as whole weights are compared side by side. Either way the
+    float comparison decides, and these weights are faithful."""
+    reader, out = _repack(cli, tmp_path, "w4a16-g128", "gguf")
+    spy = _SlowWholeComparisons(open_output(out), light)
+    results = compare(reader, spy, workers=2)
+    assert results and all(r.ok and r.exact for r in results)
+    assert spy.most == most
+
+
+def test_gguf_budgets_codes_for_whole_integer_tensors_only(cli, tmp_path):
+    """A module stored as one Q4_0 tensor is compared as codes (3 bytes a weight); MLA's attn_k_b /
+    attn_v_b parts, per-head views, are compared dequantized (12)."""
+    reader, out = _repack(cli, tmp_path, "gguf/deepseek-v2-lite-w4a16-g32", "gguf")
+    out_reader = open_output(out)
+    costs = {m: out_reader.bytes_per_weight(m) for m, info in reader.modules.items() if info.is_quantized}
+    assert costs["model.layers.0.self_attn.q_proj"] == 3
+    assert costs["model.layers.0.self_attn.kv_b_proj"] == 12
+    for m, c in costs.items():
+        assert (c == 3) == (out_reader.decode(m) is not None), m
+
+
+def test_constant_zero_points_mean_what_a_full_tensor_of_them_means():
+    from ct_convert.targets.reader_base import dequantize_groups
+
+    u = torch.randint(0, 16, (6, 64), dtype=torch.uint8)
+    s = torch.rand(2, 6).to(torch.float16)
+    full = torch.full((2, 6), 8, dtype=torch.int16)
+    assert equal_bits(dequantize_groups(u, 8, s), dequantize_groups(u, full, s))
+    cols = torch.arange(64) % 2  # interleaved groups: the gathered form
+    assert equal_bits(dequantize_groups(u, 8, s, cols), dequantize_groups(u, full, s, cols))
+    assert equal_bits(dequantize_groups(u, 8, s), (u.to(torch.float32) - 8).reshape(6, 2, 32).mul(s.t().to(torch.float32).unsqueeze(-1)).reshape(6, 64))
+
+
+def test_gguf_reads_views_that_never_write_to_the_file(cli, tmp_path):
+    """The reader views the file's blocks without copying them: a write into such a view (none is
+    made; this proves none could matter) changes this process's copy of the page, never the file."""
+    import hashlib
+
+    reader, out = _repack(cli, tmp_path, "w4a16-g128", "gguf")
+    before = hashlib.sha256((out / "model.gguf").read_bytes()).hexdigest()
+    out_reader = open_output(out)
+    t = out_reader.tensors["blk.0.ffn_down.weight"]
+    with open(out / "model.gguf", "rb") as f:
+        f.seek(int(t.data_offset))
+        stored = torch.frombuffer(bytearray(f.read(64)), dtype=torch.uint8)
+    data = torch.from_numpy(t.data).view(-1)[:64]
+    data ^= 0xFF  # a read-only mapping would refuse this; a shared one would pass it on
+    assert torch.equal(data, stored ^ 0xFF)
+    assert hashlib.sha256((out / "model.gguf").read_bytes()).hexdigest() == before
+    assert all(r.ok for r in compare(reader, open_output(out)))

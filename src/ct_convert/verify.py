@@ -9,6 +9,8 @@ dominant cost of verification). Anything else, or any difference, is compared de
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -35,33 +37,52 @@ class ModuleResult:
 
 def compare(reader, out_reader, atol: float | None = None, progress=lambda n: None, workers: int = 1) -> list[ModuleResult]:
     """Compare every source module with its output counterpart, `workers` modules at a time;
-    exact unless `atol` is given."""
+    exact unless `atol` is given.
+
+    Each item is budgeted the working memory of the comparison it is expected to take: a reader may
+    expect codes for some modules, a fraction of the float32 values of both sides; a carried tensor,
+    itself and its output. An item compared further than that (codes that differ, compared as whole
+    float weights; the error figures of any difference) goes beyond its budget, so such comparisons
+    run one at a time. Carried tensors are compared beside the modules, not after them."""
+    per_weight = getattr(out_reader, "bytes_per_weight", lambda module: out_reader.working_bytes_per_weight)
+    beyond_budget = threading.Lock()
 
     def module(name: str) -> ModuleResult:
         source = reader.read(name)
         decoded = out_reader.decode(name)
         if decoded is not None and same_codes(source, decoded):
             return ModuleResult(name, 0.0, 0.0, True, True)
-        return _compare_dequantized(name, source, out_reader, atol)
+        del decoded
+        budgeted = per_weight(name) >= out_reader.working_bytes_per_weight
+        return _compare_dequantized(name, source, out_reader, atol, nullcontext() if budgeted else beyond_budget)
 
-    per_weight = out_reader.working_bytes_per_weight
+    def item(it: tuple[bool, str]) -> list[ModuleResult]:
+        is_module, name = it
+        return [module(name)] if is_module else _compare_carried(reader, out_reader, name, atol, beyond_budget)
+
+    def cost(it: tuple[bool, str]) -> int:
+        is_module, name = it
+        if is_module:
+            return per_weight(name) * math.prod(reader.modules[name].shape)
+        return 2 * reader.tensor_meta(name).nbytes
+
     omits = getattr(out_reader, "omits", None)  # targets that leave modules out by design say which
-    modules = [m for m in reader.modules if omits is None or not omits(m)]
+    items = [(True, m) for m in reader.modules if omits is None or not omits(m)]
+    items += [(False, t) for t in reader.passthrough() if not reader.is_quantization_param(t)]
     results = []
-    for result in ordered_map(module, modules, workers, cost=lambda m: per_weight * math.prod(reader.modules[m].shape)):
-        results.append(result)
-        progress(reader.source_bytes(result.module))
-    for t in reader.passthrough():
-        if not reader.is_quantization_param(t):
-            results.extend(_compare_carried(reader, out_reader, t, atol))
+    for (is_module, name), found in zip(items, ordered_map(item, items, workers, cost=cost)):
+        results.extend(found)
+        if is_module:
+            progress(reader.source_bytes(name))
     return results
 
 
-def _compare_carried(reader, out_reader, name: str, atol: float | None) -> list[ModuleResult]:
+def _compare_carried(reader, out_reader, name: str, atol: float | None, beyond_budget) -> list[ModuleResult]:
     """A carried tensor against its output, both read a band of rows at a time where the output
     reader can (a 1 GB embedding is never held twice); nothing when the target dropped or renamed it
     (targets may; their readers map the ones they keep). A target that stores a changed value
-    (Gemma-3's 1 + w norms, a cut embedding) says which through `as_stored`, applied to the source."""
+    (Gemma-3's 1 + w norms, a cut embedding) says which through `as_stored`, applied to the source.
+    The error figures of a difference are computed inside `beyond_budget`."""
     banded = getattr(out_reader, "tensor_bands", None)
     got = banded(name) if banded is not None else out_reader.tensor(name)
     if got is None:
@@ -73,7 +94,8 @@ def _compare_carried(reader, out_reader, name: str, atol: float | None) -> list[
     ref, got = stored(name, reader.get(name)), torch.cat(list(pieces(got))) if isinstance(got, Bands) else got
     if not same_shape and _widened_equal(ref, got):  # rows the target keeps (a cut embedding), compared whole
         return [ModuleResult(name, 0.0, 0.0, True, True)]
-    return [_diff(name, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol)]
+    with beyond_budget:
+        return [_diff(name, ref.to(got.dtype) if ref.is_floating_point() else ref, got, atol)]
 
 
 def _banded_equal(reader, name: str, got: "torch.Tensor | Bands", stored) -> bool:
@@ -107,7 +129,8 @@ def _widened_equal(ref: torch.Tensor, got: torch.Tensor) -> bool:
     return bitwise_equal(ref, got)
 
 
-def _compare_dequantized(name: str, source: QuantizedWeight, out_reader, atol: float | None) -> ModuleResult:
+def _compare_dequantized(name: str, source: QuantizedWeight, out_reader, atol: float | None, whole) -> ModuleResult:
+    """`whole`: entered around comparing the two weights whole (a lock where that is beyond budget)."""
     stored = getattr(out_reader, "stored_dense", None)
     bands = stored(name) if stored is not None else None
     if bands is not None and tuple(bands.shape) == tuple(source.shape):
@@ -115,10 +138,11 @@ def _compare_dequantized(name: str, source: QuantizedWeight, out_reader, atol: f
         ref = source.dequantized_bands(bands.dtype)
         if all(bitwise_equal(a, b) for a, b in _zip_rows(pieces(ref), pieces(bands))):
             return ModuleResult(name, 0.0, 0.0, True, True)
-    got = out_reader.dequantize(name)
-    if got is None:
-        return ModuleResult(name, float("inf"), float("inf"), False, False, "missing in output")
-    return _diff(name, source.dequantize(got.dtype), got, atol)
+    with whole:
+        got = out_reader.dequantize(name)
+        if got is None:
+            return ModuleResult(name, float("inf"), float("inf"), False, False, "missing in output")
+        return _diff(name, source.dequantize(got.dtype), got, atol)
 
 
 def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
@@ -131,7 +155,7 @@ def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
     offset = 1 << (scheme.num_bits - 1)
     scales = source.group_scales()  # [N, G]
     zp = source.group_zero_points()
-    zeros = torch.full_like(scales, offset, dtype=torch.int16) if zp is None else zp.to(torch.int16) + offset
+    zeros = None if zp is None else zp.to(torch.int16) + offset  # [N, G] unsigned; None: `offset` for all
     groups = out.scales.shape[0]
     if out.cols is None and groups != scales.shape[1]:
         # finer output groups (GGUF blocks of 32) over contiguous source groups: repeat the source's
@@ -139,7 +163,8 @@ def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
         uniform = source.num_groups * source.effective_group_size == k and source.has_trivial_g_idx()
         if r * scales.shape[1] != groups or k % groups or not uniform:
             return False
-        scales, zeros = scales.repeat_interleave(r, dim=1), zeros.repeat_interleave(r, dim=1)
+        scales = scales.repeat_interleave(r, dim=1)
+        zeros = None if zeros is None else zeros.repeat_interleave(r, dim=1)
     elif groups > 1:
         cols = out.cols if out.cols is not None else torch.arange(k) // max(1, k // groups)
         if not torch.equal(cols.to(torch.int64), source.column_groups()):
@@ -148,7 +173,7 @@ def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
         return False
     if not torch.equal(out.scales.to(torch.float32), scales.t().to(torch.float32)):
         return False
-    if not torch.equal(out.zeros.to(torch.int16), zeros.t()):
+    if not _same_zeros(out.zeros, zeros, offset, tuple(out.scales.shape)):
         return False
     packed = source.packed_stream if out.stream is not None else None
     if packed is not None and bitwise_equal(out.stream, packed):
@@ -156,6 +181,18 @@ def same_codes(source: QuantizedWeight, out: GroupCodes) -> bool:
     u = out.unpack()
     # u - 2^(b-1) modulo 256 is the signed code's two's-complement byte
     return tuple(u.shape) == (n, k) and bitwise_equal(u.sub_(offset), source.codes.view(torch.uint8))
+
+
+def _same_zeros(out: torch.Tensor | int, source: torch.Tensor | None, offset: int, shape: tuple[int, int]) -> bool:
+    """The output's zero points ([G, N], or one for all) equal the source's ([N, G], or None for
+    `offset` everywhere)."""
+    if isinstance(out, int):
+        return out == offset if source is None else bool((source == out).all())
+    if tuple(out.shape) != shape:
+        return False
+    if source is None:
+        return bool((out == offset).all())
+    return torch.equal(out.to(torch.int16), source.t())
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -16,6 +16,9 @@ from ct_convert.tensorstore import TensorStore
 class OutputReader(Protocol):
     working_bytes_per_weight: int  # memory a comparison of one module needs, per weight
 
+    # optional: bytes_per_weight(module) -> int, that memory for this module where it depends on how
+    # the module is stored (a quantized tensor compared as codes needs a fraction of one compared as floats)
+
     def dequantize(self, module: str) -> torch.Tensor | None:
         """The module's weight as the target's consumer would compute it, or None if absent."""
 
@@ -55,7 +58,7 @@ class GroupCodes:
     """An integer module as a consumer reads it: w[n, k] = (u[n, k] - zeros[g(k), n]) * scales[g(k), n]."""
 
     unpack: Callable[[], torch.Tensor]  # -> u: a fresh uint8 [N, K], contiguous
-    zeros: torch.Tensor  # integer [G, N]
+    zeros: torch.Tensor | int  # integer [G, N], or one zero point for every group (a symmetric layout's)
     scales: torch.Tensor  # float [G, N]
     cols: torch.Tensor | None = None  # int64 [K]: g(k); None means k // (K / G)
     # int32 [N, W]: each row of u as an LSB-first bit stream, where stored so or cheaper to derive than
@@ -66,23 +69,23 @@ class GroupCodes:
         return dequantize_groups(self.unpack(), self.zeros, self.scales, self.cols)
 
 
-def dequantize_groups(codes_nk: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_groups(codes_nk: torch.Tensor, zeros: torch.Tensor | int, scales: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """w[n, k] = (u[n, k] - z[g(k), n]) * s[g(k), n] as exact float32 [N, K].
 
     `codes_nk` [N, K] unsigned (any strides: transposing one-byte codes is the cheap place to do
-    it), `zeros`/`scales` [G, N]; g(k) = cols[k], or k // (K / G) when cols is None. Contiguous
-    groups broadcast per group instead of gathering a [N, K] copy of z and s.
+    it), `zeros` [G, N] or one int for all, `scales` [G, N]; g(k) = cols[k], or k // (K / G) when
+    cols is None. Contiguous groups broadcast per group instead of gathering a [N, K] copy of z and s.
     """
     n, k = codes_nk.shape
     g = scales.shape[0]
-    z = zeros.to(torch.float32).t()
+    z = zeros.to(torch.float32).t() if isinstance(zeros, torch.Tensor) else None
     s = scales.to(torch.float32).t()
     if cols is None:
         v = codes_nk.contiguous().reshape(n, g, k // g).to(torch.float32)
-        v.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
+        v.sub_(zeros if z is None else z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
         return v.reshape(n, k)
     v = codes_nk.to(torch.float32)
-    return v.sub_(z.index_select(1, cols)).mul_(s.index_select(1, cols))
+    return v.sub_(zeros if z is None else z.index_select(1, cols)).mul_(s.index_select(1, cols))
 
 
 class HFOutputReader:

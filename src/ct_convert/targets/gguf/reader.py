@@ -44,12 +44,15 @@ def open(folder: Path, source_architecture: str | None = None) -> "GGUFOutput":
 
 
 class GGUFOutput:
-    working_bytes_per_weight = 12  # raw blocks, decoded codes and their temporaries, the source codes
+    working_bytes_per_weight = 12  # compared dequantized: float32 of both sides and the difference
+    code_bytes_per_weight = 3  # compared as codes: the blocks' stream (Q8_0: codes) and scales, the source's
 
     def __init__(self, folder: Path, source_architecture: str | None = None):
         self.files = sorted(folder.glob("*.gguf"), key=lambda f: (f.name == MMPROJ_FILE, f.name))  # the text model first
         try:
-            self.readers = [gguf.GGUFReader(f) for f in self.files]
+            # copy-on-write mappings: torch can view them without a copy (a read-only mapping it
+            # would have to copy or warn about), and nothing done to a view reaches the file
+            self.readers = [gguf.GGUFReader(f, "c") for f in self.files]
         except (OSError, ValueError) as e:
             raise InputError(f"{folder}: unreadable GGUF ({e})") from None
         tower_reader = self.readers.pop() if self.files[-1].name == MMPROJ_FILE else None
@@ -102,6 +105,11 @@ class GGUFOutput:
             return None
         return [(self.tensors[p.name], p) for p in parts]
 
+    def bytes_per_weight(self, module: str) -> int:
+        located = self._locate(f"{module}.weight")
+        codes = located is not None and len(located) == 1 and located[0][1].heads is None
+        return self.code_bytes_per_weight if codes and _qtype(located[0][0]) in _ZERO_CODE else self.working_bytes_per_weight
+
     def decode(self, module: str) -> GroupCodes | None:
         """Q4_0 / Q8_0 blocks as codes, the implicit zero point (8 / 128) and one fp16 scale per 32
         columns (gguf.md §2.1, §2.3): Q4_0 byte j holds element j (low nibble) and j + 16."""
@@ -112,15 +120,15 @@ class GGUFOutput:
         if part.heads is not None:  # a per-head 3-D view: compared dequantized
             return None
         expert = part.expert
-        qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+        qtype = _qtype(t)
         if qtype not in _ZERO_CODE:
             return None
         size, zero = block_bytes(qtype), _ZERO_CODE[qtype]
-        raw = torch.from_numpy(self._copy(t, t.data if expert is None else t.data[expert]))  # [N, row bytes]
+        raw = torch.from_numpy(t.data if expert is None else t.data[expert])  # [N, row bytes], still mapped
         n = raw.shape[0]
-        blocks = _restore_rows([(part, raw.reshape(n, -1, size))]).contiguous()
+        blocks = _restore_rows([(part, raw.reshape(n, -1, size))])
         halves = blocks.view(torch.int16)  # [N, nb, size / 2]: the fp16 scale first (strided int16 copies are the fast ones)
-        scales = halves[..., 0].view(torch.float16).t()
+        scales = halves[..., 0].contiguous().view(torch.float16).t()
         qs = blocks[..., 2:]
 
         def unpack() -> torch.Tensor:
@@ -129,7 +137,8 @@ class GGUFOutput:
             return torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, -1)
 
         stream = bitpack.by_rows(_q4_0_stream, halves[..., 1:]) if qtype == "Q4_0" else None
-        return GroupCodes(unpack, torch.full(scales.shape, zero, dtype=torch.int16), scales, stream=stream)
+        self._release(t)  # the mapped pages are read; `unpack`, wanted only after a mismatch, maps them again
+        return GroupCodes(unpack, zero, scales, stream=stream)
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         return self.tensor(f"{module}.weight")
@@ -184,7 +193,7 @@ class GGUFOutput:
         if located is None:
             return None
         ((t, part), *more) = located
-        qtype = gguf.GGMLQuantizationType(t.tensor_type).name
+        qtype = _qtype(t)
         shape = _element_shape(t, None)
         whole = more or part.select is not None or part.expert is not None or part.heads is not None or part.transpose
         tower = self.tower is not None and (self._in_tower(name) or bool(self.tower.copies(name)))
@@ -195,9 +204,8 @@ class GGUFOutput:
 
         def produce():
             for r0 in range(0, shape[0], step):
-                band = data[r0:r0 + step].copy()
-                self._release(t)
-                yield torch.from_numpy(band).view(_FLOATS[qtype]).reshape(-1, *shape[1:])
+                yield torch.from_numpy(data[r0:r0 + step]).view(_FLOATS[qtype]).reshape(-1, *shape[1:])
+                self._release(t)  # the band is compared: its pages leave this process (a later read maps them again)
 
         return Bands(_FLOATS[qtype], shape, produce)
 
@@ -238,6 +246,10 @@ class GGUFOutput:
         raise InputError(f"{t.name}: GGUF type {qtype.name} is not one ct-convert writes")
 
 
+def _qtype(t) -> str:
+    return gguf.GGMLQuantizationType(t.tensor_type).name
+
+
 def _q4_0_stream(qs: torch.Tensor) -> torch.Tensor:
     """Q4_0 quant bytes, read as int16 [N, nb, 8] (byte j: element j low, j + 16 high) -> each row's
     unsigned codes as an LSB-first 4-bit stream int32 [N, nb*4] (element 2i low in byte i), what
@@ -249,7 +261,7 @@ def _q4_0_stream(qs: torch.Tensor) -> torch.Tensor:
     of 32-bit halves between a block's two int64s puts bytes 0..7 in the first and 8..15 in the second.
     """
     n, nb, _ = qs.shape
-    x = qs.contiguous().view(torch.int64)  # [N, nb, 2]
+    x = torch.empty(qs.shape, dtype=qs.dtype).copy_(qs).view(torch.int64)  # [N, nb, 2], a copy to shuffle in place
     scratch = torch.empty_like(x)
     bitpack.shuffle(x, 4, 0x00F000F000F000F0, scratch)
     bitpack.shuffle(x, 8, 0x0000FF000000FF00, scratch)
@@ -274,8 +286,8 @@ def _restore_rows(pieces: list[tuple[Part, torch.Tensor]]) -> torch.Tensor:
     n = sum(v.shape[0] for _, v in pieces)
     dtypes = {v.dtype for _, v in pieces}
     dtype = dtypes.pop() if len(dtypes) == 1 else min(dtypes - {torch.float32}, key=lambda d: d.itemsize, default=torch.float32)
-    out = torch.empty((n, *pieces[0][1].shape[1:]), dtype=dtype)
-    for part, v in pieces:
-        rows = part.rows(n)
-        out[torch.arange(n) if rows is None else rows] = v.to(dtype)
-    return out
+    stored = torch.cat([v.to(dtype) for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
+    order = torch.cat([torch.arange(n) if part.rows(n) is None else part.rows(n) for part, _ in pieces])
+    # stored row i is source row order[i]: gathering by the inverse permutation copies whole rows,
+    # ten times quicker than scattering them by `order` (which indexes byte by byte)
+    return stored.index_select(0, torch.argsort(order))

@@ -89,8 +89,7 @@ class MarlinOutput(HFOutputReader):
             raise InputError(f"{module}: s {list(s.shape)} does not fit B {list(b.shape)}")
         src = torch.argsort(scale_order(g))  # the stored column of each original column
         s = s.reshape(-1, src.numel()).index_select(1, src).reshape(g, n)
-        zeros = torch.full((g, n), ZERO, dtype=torch.int16)
-        return GroupCodes(lambda: unpack_marlin(b).t(), zeros, s, stream=marlin_stream(b))
+        return GroupCodes(lambda: unpack_marlin(b).t(), ZERO, s, stream=marlin_stream(b))
 
 
 def detect(folder: Path, config) -> bool:

@@ -31,6 +31,7 @@ def nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
 
 class ModelOptOutput(HFOutputReader):
     working_bytes_per_weight = 12  # float32 of the weight plus the unpacked codes
+    code_bytes_per_weight = 4  # integer layouts, compared as codes: the packed weight, its stream, the source's
 
     def __init__(self, folder: Path):
         super().__init__(folder)
@@ -78,6 +79,10 @@ class ModelOptOutput(HFOutputReader):
         return t
 
     # -- integer modules: codes ---------------------------------------------------------------
+    def bytes_per_weight(self, module: str) -> int:
+        found = self.algorithm(module)
+        return self.code_bytes_per_weight if found and found[0] in (facts.W4A16_AWQ, facts.W8A16) else self.working_bytes_per_weight
+
     def decode(self, module: str) -> GroupCodes | None:
         found = self.algorithm(module)
         if found is None or f"{module}.weight" not in self.store:
@@ -91,13 +96,12 @@ class ModelOptOutput(HFOutputReader):
             if not bool((pre == 1).all()):
                 return None  # the smoothing multiplies the weight: compared dequantized
             scale = self._awq_scale(module, w, gs)
-            zeros = torch.full((scale.shape[1], scale.shape[0]), 8, dtype=torch.int16)
             stream = int4_rows.stream(w) if w.shape[-1] % 8 == 0 else None
-            return GroupCodes(lambda: int4_rows.unsigned_codes(w), zeros, scale.t(), stream=stream)
+            return GroupCodes(lambda: int4_rows.unsigned_codes(w), 8, scale.t(), stream=stream)
         if algo == facts.W8A16:
             u = w.view(torch.uint8) ^ 0x80  # two's complement + 128 is the top bit flipped
             scale = self._get(module, "weight_scale", (w.shape[0],)).reshape(1, -1)
-            return GroupCodes(lambda: u, torch.full(scale.shape, 128, dtype=torch.int16), scale)
+            return GroupCodes(lambda: u, 128, scale)
         return None
 
     def _awq_scale(self, module: str, w: torch.Tensor, gs: int) -> torch.Tensor:
@@ -124,8 +128,7 @@ class ModelOptOutput(HFOutputReader):
             u, scale = int4_rows.unsigned_codes(w), self._awq_scale(module, w, gs)
             lead = u.shape[:-2]
             flat_u, flat_s = u.reshape(-1, *u.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
-            z = torch.full(flat_s.shape[-2:], 8, dtype=torch.int16).t()
-            out = torch.stack([dequantize_groups(a, z, s.t()) for a, s in zip(flat_u, flat_s)]).reshape(*lead, *u.shape[-2:])
+            out = torch.stack([dequantize_groups(a, 8, s.t()) for a, s in zip(flat_u, flat_s)]).reshape(*lead, *u.shape[-2:])
             # the activation is multiplied by pre_quant_scale: the weight it meets is W * diag(pre)
             return out.mul_(self._get(module, "pre_quant_scale", (*lead, u.shape[-1])).to(f32).unsqueeze(-2))
         lead, (n, k) = tuple(w.shape[:-2]), tuple(w.shape[-2:])

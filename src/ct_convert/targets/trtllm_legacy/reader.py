@@ -104,12 +104,11 @@ class TRTLLMOutput:
             return None
         (codes, scales), dim = gathered
         s = torch.cat(scales, dim=dim)
-        zeros = torch.full((s.shape[1], s.shape[0]), 8, dtype=torch.int16)
         if all(c.dtype == torch.int32 for c in codes):
             stream = torch.cat(codes, dim=dim)
-            return GroupCodes(lambda: int4_rows.codes_of_stream(stream), zeros, s.t(), stream=stream)
+            return GroupCodes(lambda: int4_rows.codes_of_stream(stream), 8, s.t(), stream=stream)
         u = torch.cat([int4_rows.codes_of_stream(c) if c.dtype == torch.int32 else c for c in codes], dim=dim)
-        return GroupCodes(lambda: u, zeros, s.t())
+        return GroupCodes(lambda: u, 8, s.t())
 
     def dequantize(self, module: str) -> torch.Tensor | None:
         if module == "lm_head":
@@ -182,7 +181,7 @@ class TRTLLMOutput:
     def _awq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
         codes, scale = self._awq_codes(r, name, w)
         u = int4_rows.codes_of_stream(codes) if codes.dtype == torch.int32 else codes
-        return dequantize_groups(u, torch.full(scale.shape, 8, dtype=torch.int16).t(), scale.t())
+        return dequantize_groups(u, 8, scale.t())
 
     def _gptq(self, r: int, name: str, w: torch.Tensor) -> torch.Tensor:
         """The plugin computes s*scale + zero with zero = (8 - z)*scale rounded to the model dtype.
