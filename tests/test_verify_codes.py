@@ -417,3 +417,17 @@ def test_gguf_reads_views_that_never_write_to_the_file(cli, tmp_path):
     assert torch.equal(data, stored ^ 0xFF)
     assert hashlib.sha256((out / "model.gguf").read_bytes()).hexdigest() == before
     assert all(r.ok for r in compare(reader, open_output(out)))
+
+
+@pytest.mark.parametrize("fixture,codes", [("w4a16-g128", True), ("moe-w4a16", True), ("mxfp4a16", False)])
+def test_mlx_budgets_codes_for_affine_layers_only(cli, tmp_path, fixture, codes):
+    """Affine layers compare their stored words as the code stream (3 bytes a weight); mxfp4/nvfp4
+    layers are compared as float values (12)."""
+    reader, out = _repack(cli, tmp_path, fixture, "mlx")
+    out_reader = open_output(out)
+    quantized = [m for m, info in reader.modules.items() if info.is_quantized]
+    assert quantized
+    for m in quantized:
+        assert out_reader.bytes_per_weight(m) == (3 if codes else 12), m
+        if codes:
+            assert same_codes(reader.read(m), out_reader.decode(m)), m

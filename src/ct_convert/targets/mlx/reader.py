@@ -46,6 +46,7 @@ def e2m1_values(nibbles: torch.Tensor) -> torch.Tensor:
 
 class MLXOutput:
     working_bytes_per_weight = 12  # unpacked codes, their float32 values and the source's
+    code_bytes_per_weight = 3  # affine layers compared as codes: the stored words are the stream
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -96,6 +97,12 @@ class MLXOutput:
         return path, words, scales, biases, mode, bits, gs
 
     # -- the OutputReader protocol ---------------------------------------------------------------
+    def bytes_per_weight(self, module: str) -> int:
+        path, _ = self._locate(module)
+        entry = self.quantization.get(path, self.quantization)
+        affine = f"{path}.scales" in self.store and isinstance(entry, dict) and entry.get("mode", facts.AFFINE) == facts.AFFINE
+        return self.code_bytes_per_weight if affine else self.working_bytes_per_weight
+
     def decode(self, module: str) -> GroupCodes | None:
         q = self._quantized(module)
         if q is None or q[4] != facts.AFFINE or q[1].dim() != 2:
