@@ -46,12 +46,15 @@ from compressed_tensors.entrypoints.convert.converters import CompressedTensorsD
 convert_checkpoint(sys.argv[1], sys.argv[2], CompressedTensorsDequantizer(sys.argv[1]))
 """
 
-# what a repack imports before it reads anything (the CLI, torch, the target's writer and reader)
+# what a repack imports before it reads anything (the CLI, torch, the target's writer and reader),
+# then the way the command leaves (cli.console_script: exit handlers, no interpreter teardown)
 STARTUP = """
-import sys
+import atexit, os, sys
 import ct_convert.cli
 from ct_convert.targets import _module, spec
 _module(spec(sys.argv[1]), "writer"), _module(spec(sys.argv[1]), "reader")
+atexit._run_exitfuncs()
+os._exit(0)
 """
 
 LIBRARY_STARTUP = """

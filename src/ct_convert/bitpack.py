@@ -163,17 +163,6 @@ def shuffle(x: torch.Tensor, shift: int, mask: int, scratch: torch.Tensor) -> to
 def _part(scratch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scratch.view(-1)[: like.numel()].view(like.shape)
 
-
-def reordered(out: torch.Tensor, words: torch.Tensor, dim: int) -> torch.Tensor:
-    """out.copy_(words), where `words` views a contiguous tensor with its dimensions reordered and `dim`
-    is its outermost one there: copied in slices along `dim` of about 256 KB each, since a transposing
-    copy done whole misses the cache on nearly every word."""
-    step = max(1, (1 << 18) // max(1, words.stride(dim) * words.element_size()))
-    for a in range(0, out.shape[dim], step):
-        out.narrow(dim, a, min(step, out.shape[dim] - a)).copy_(words.narrow(dim, a, min(step, out.shape[dim] - a)))
-    return out
-
-
 def by_rows(fn, *tensors: torch.Tensor) -> torch.Tensor:
     """fn(*tensors) for a fn that maps the rows (dim 0) of its inputs to rows of its output, one to one
     and independently, computed BAND_BYTES of the first input at a time."""

@@ -84,7 +84,8 @@ class GPTQWriter(IntWeightWriter):
         packed = qw.packed_stream
         if packed is None:
             packed = pack_along_last(unsigned_codes(qw), b)
-        return bitpack.reordered(torch.empty(packed.shape[::-1], dtype=packed.dtype, device=packed.device), packed.t(), 0)
+        packed = packed.contiguous()  # then torch transposes it in cache-sized blocks (5.6 ms for 29 MB on one core)
+        return torch.empty(packed.shape[::-1], dtype=packed.dtype, device=packed.device).copy_(packed.t())
 
     def quantization_config(self, plan: Plan, reader: SourceReader, opts: RepackOptions) -> dict:
         converted = [reader.modules[m] for m in plan.converted()]
