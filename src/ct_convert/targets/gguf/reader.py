@@ -105,24 +105,28 @@ class GGUFOutput:
             return None
         return [(self.tensors[p.name], p) for p in parts]
 
-    def bytes_per_weight(self, module: str) -> int:
+    def _integer_blocks(self, module: str):
+        """(tensor, part, type) where a module is stored as one Q4_0 / Q8_0 tensor, rows whole (what
+        `decode` reads as codes); None where it is compared dequantized (a split, a per-head 3-D
+        view, another type)."""
         located = self._locate(f"{module}.weight")
-        codes = located is not None and len(located) == 1 and located[0][1].heads is None
-        return self.code_bytes_per_weight if codes and _qtype(located[0][0]) in _ZERO_CODE else self.working_bytes_per_weight
+        if located is None or len(located) > 1:
+            return None
+        ((t, part),) = located
+        qtype = _qtype(t)
+        return (t, part, qtype) if part.heads is None and qtype in _ZERO_CODE else None
+
+    def bytes_per_weight(self, module: str) -> int:
+        return self.code_bytes_per_weight if self._integer_blocks(module) else self.working_bytes_per_weight
 
     def decode(self, module: str) -> GroupCodes | None:
         """Q4_0 / Q8_0 blocks as codes, the implicit zero point (8 / 128) and one fp16 scale per 32
         columns (gguf.md §2.1, §2.3): Q4_0 byte j holds element j (low nibble) and j + 16."""
-        located = self._locate(f"{module}.weight")
-        if located is None or len(located) > 1:  # a split: compared dequantized
+        found = self._integer_blocks(module)
+        if found is None:
             return None
-        ((t, part),) = located
-        if part.heads is not None:  # a per-head 3-D view: compared dequantized
-            return None
+        t, part, qtype = found
         expert = part.expert
-        qtype = _qtype(t)
-        if qtype not in _ZERO_CODE:
-            return None
         size, zero = block_bytes(qtype), _ZERO_CODE[qtype]
         raw = torch.from_numpy(t.data if expert is None else t.data[expert])  # [N, row bytes], still mapped
         n = raw.shape[0]
@@ -287,7 +291,8 @@ def _restore_rows(pieces: list[tuple[Part, torch.Tensor]]) -> torch.Tensor:
     dtypes = {v.dtype for _, v in pieces}
     dtype = dtypes.pop() if len(dtypes) == 1 else min(dtypes - {torch.float32}, key=lambda d: d.itemsize, default=torch.float32)
     stored = torch.cat([v.to(dtype) for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
-    order = torch.cat([torch.arange(n) if part.rows(n) is None else part.rows(n) for part, _ in pieces])
+    rows = [part.rows(n) for part, _ in pieces]
+    order = torch.cat([torch.arange(n) if r is None else r for r in rows])
     # stored row i is source row order[i]: gathering by the inverse permutation copies whole rows,
     # ten times quicker than scattering them by `order` (which indexes byte by byte)
     return stored.index_select(0, torch.argsort(order))
