@@ -57,6 +57,26 @@ def test_words_layout_is_floor_32_over_b_per_word(bits):
     assert bitpack.packed_width(k, bits, bitpack.STREAM) == -(-k * bits // 32)
 
 
+def test_split_nibbles_every_byte_value_and_strided_input():
+    # byte 16h + l -> l then h, for all 256 values, in rows and in a transposed (non-contiguous) view
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(16, 16)
+    expected = [[b % 16, b // 16] for b in range(256)]
+    assert bitpack.split_nibbles(values).reshape(-1, 2).tolist() == expected
+    columns = bitpack.split_nibbles(values.t())
+    assert columns.shape == (16, 32)
+    assert columns[3, 10:12].tolist() == [3, 5]  # values.t()[3, 5] is byte 5 * 16 + 3
+    assert bitpack.split_nibbles(torch.zeros(3, 0, dtype=torch.uint8)).shape == (3, 0)
+
+
+def test_four_bit_pack_of_views_matches_library_pack():
+    # views at an odd byte offset, transposed, and with size-1 dimensions pack like fresh tensors
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-8, 8, (6, 66), generator=g, dtype=torch.int8)
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    for view, signed in ((u[:, 1:65], q[:, 1:65]), (u[:, :6].t(), q[:, :6].t()), (u[:1].unsqueeze(1), q[:1].unsqueeze(1))):
+        assert equal_bits(bitpack.pack(view, 4), pack_to_int32(signed.contiguous(), 4))
+
+
 def test_unpack_rejects_non_int32():
     with pytest.raises(TypeError):
         bitpack.unpack(torch.zeros(2, 2, dtype=torch.int64), 4, 8)

@@ -77,12 +77,15 @@ def unpack(words: torch.Tensor, bits: int, count: int, layout: str = STREAM) -> 
 
 
 def split_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., C] -> uint8 [..., 2C]: element 2j in the low nibble of byte j, 2j+1 in the high
-    (written straight into the output: no stacked temporaries)."""
-    out = torch.empty(*packed.shape, 2, dtype=torch.uint8, device=packed.device)
-    torch.bitwise_and(packed, 0xF, out=out[..., 0])
-    torch.bitwise_right_shift(packed, 4, out=out[..., 1])
-    return out.reshape(*packed.shape[:-1], -1)
+    """uint8 [..., C] -> uint8 [..., 2C]: element 2j in the low nibble of byte j, 2j+1 in the high.
+
+    Each byte b = 16h + l is widened to a 16-bit lane and (b | b << 4) & 0x0F0F leaves l in the lane's
+    low byte and h in its high one: the two outputs of a byte are one little-endian lane, so every
+    pass is a contiguous vector loop (writing the two halves into every other byte, as stride-2
+    stores, ran 7x slower and was a fifth of a dense conversion's CPU time)."""
+    wide = packed.to(torch.int16, memory_format=torch.contiguous_format)
+    lanes = torch.bitwise_left_shift(wide, 4).bitwise_or_(wide).bitwise_and_(0x0F0F)
+    return lanes.view(torch.uint8)  # [..., C] lanes of two bytes: [..., 2C]
 
 
 def pack(codes: torch.Tensor, bits: int, layout: str = STREAM) -> torch.Tensor:
@@ -120,12 +123,25 @@ def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     v = codes.to(torch.uint8)
     if width * 4 * per != count:
         v = torch.nn.functional.pad(v, (0, width * 4 * per - count))
+    if bits == 4:
+        return _pack_nibble_pairs(v)
     # a fresh tensor has the strides `view(torch.int32)` needs, even for size-1 dimensions
     packed = torch.empty(*v.shape[:-1], width * 4, dtype=torch.uint8, device=v.device)
     packed.copy_(v[..., 0::per])
     for i in range(1, per):
         packed |= v[..., i::per] << (bits * i)
     return packed.view(torch.int32)
+
+
+def _pack_nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 4-bit codes [..., 8W] -> int32 [..., W], the inverse of `split_nibbles`: codes 2j and
+    2j+1 are one little-endian 16-bit lane l + 256h, and (x | x >> 4) keeps l + 16h in its low byte
+    (contiguous vector passes; picking every other byte ran ~6x slower)."""
+    try:
+        lanes = codes.contiguous().view(torch.int16)
+    except RuntimeError:  # a view at an odd byte offset, or with odd strides on size-1 dimensions
+        lanes = codes.clone(memory_format=torch.contiguous_format).view(torch.int16)
+    return torch.bitwise_right_shift(lanes, 4).bitwise_or_(lanes).to(torch.uint8).view(torch.int32)
 
 
 def to_int32(words: torch.Tensor) -> torch.Tensor:
