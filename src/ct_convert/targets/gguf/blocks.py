@@ -21,9 +21,6 @@ if sys.byteorder != "little":  # torch views below read ggml's little-endian fie
     raise ImportError("ct_convert.targets.gguf.blocks needs a little-endian host")
 
 
-_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F  # as an int64 mask of 8 bytes
-
-
 def _blocks(t: torch.Tensor, size: int) -> torch.Tensor:
     """[..., K] -> [..., K/size, size]."""
     return t.reshape(*t.shape[:-1], t.shape[-1] // size, size)
@@ -54,24 +51,22 @@ def q4_0(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def q4_0_from_stream(stream: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Q4_0 straight from compressed-tensors 4-bit row streams int32 [..., N, K/8] (u = q + 8, two
-    codes per byte, element 2i low): the same bytes as `q4_0(q, d)` without unpacking a code.
+    codes per byte, element 2i low): the same bytes as `q4_0(q, d)` without a byte per code.
 
-    With lo / hi the first / second 8 bytes of a block, ggml's byte 2m holds elements 2m and 2m + 16
-    (the low nibbles of lo[m] and hi[m]) and byte 2m + 1 elements 2m + 1 and 2m + 17 (their high
-    nibbles); both are computed for 8 bytes at once in 64-bit words, then interleaved.
+    Everything is 16-bit lanes, the fp16 scale and the 8 byte pairs of a block: stream byte m of a
+    block's first half (elements 2m, 2m + 1) widened to a lane and spread by (b | b << 4) & 0x0F0F
+    holds element 2m in its low byte and 2m + 1 in its high one; the same lane of the second half
+    holds 2m + 16 and 2m + 17; ggml's bytes 2m and 2m + 1 are the first lane | the second << 4.
+    (Byte-wise stores into every other byte of the blocks ran ~25 % slower.)
     """
     *lead, n, width = stream.shape
     nb = width // 4
-    words = stream.contiguous().view(torch.int64).reshape(*lead, n, nb, 2)
-    lo, hi = words[..., 0], words[..., 1]
-    even = (lo & _LOW_NIBBLES) | ((hi & _LOW_NIBBLES) << 4)
-    odd = ((lo >> 4) & _LOW_NIBBLES) | (hi & ~_LOW_NIBBLES)
-    out = torch.empty(*lead, n, nb, block_bytes("Q4_0"), dtype=torch.uint8, device=stream.device)
-    out[..., :2] = _fp16_bytes(d)
-    qs = out[..., 2:].unflatten(-1, (8, 2))
-    qs[..., 0] = even.unsqueeze(-1).view(torch.uint8)
-    qs[..., 1] = odd.unsqueeze(-1).view(torch.uint8)
-    return _rows(out)
+    halves = stream.contiguous().view(torch.uint8).reshape(*lead, n, nb, 2, 8).to(torch.int16)
+    lanes = torch.bitwise_left_shift(halves, 4).bitwise_or_(halves).bitwise_and_(0x0F0F)
+    out = torch.empty(*lead, n, nb, block_bytes("Q4_0") // 2, dtype=torch.int16, device=stream.device)
+    out[..., 0] = d.to(torch.float16).view(torch.int16)
+    torch.bitwise_left_shift(lanes[..., 1, :], 4, out=out[..., 1:]).bitwise_or_(lanes[..., 0, :])
+    return _rows(out).view(torch.uint8)
 
 
 def q5_0(diff: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
