@@ -124,7 +124,7 @@ def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if width * 4 * per != count:
         v = torch.nn.functional.pad(v, (0, width * 4 * per - count))
     if bits == 4:
-        return _pack_nibble_pairs(v)
+        return pack_nibbles(v).view(torch.int32)
     # a fresh tensor has the strides `view(torch.int32)` needs, even for size-1 dimensions
     packed = torch.empty(*v.shape[:-1], width * 4, dtype=torch.uint8, device=v.device)
     packed.copy_(v[..., 0::per])
@@ -133,15 +133,16 @@ def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
-def _pack_nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 4-bit codes [..., 8W] -> int32 [..., W], the inverse of `split_nibbles`: codes 2j and
-    2j+1 are one little-endian 16-bit lane l + 256h, and (x | x >> 4) keeps l + 16h in its low byte
-    (contiguous vector passes; picking every other byte ran ~6x slower)."""
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [..., 2C] -> uint8 [..., C], code 2j in the low nibble of byte j, the inverse of
+    `split_nibbles`: codes 2j and 2j+1 are one little-endian 16-bit lane l + 256h, and (x | x >> 4)
+    keeps l + 16h in its low byte (contiguous vector passes; picking every other byte ran ~6x slower)."""
+    codes = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes.to(torch.uint8)
     try:
         lanes = codes.contiguous().view(torch.int16)
     except RuntimeError:  # a view at an odd byte offset, or with odd strides on size-1 dimensions
         lanes = codes.clone(memory_format=torch.contiguous_format).view(torch.int16)
-    return torch.bitwise_right_shift(lanes, 4).bitwise_or_(lanes).to(torch.uint8).view(torch.int32)
+    return torch.bitwise_right_shift(lanes, 4).bitwise_or_(lanes).to(torch.uint8)
 
 
 def to_int32(words: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,7 @@ def _affine(qw: QuantizedWeight, p: Params, dtype: torch.dtype) -> dict:
 def _float(qw: QuantizedWeight, p: Params) -> dict:
     def weight() -> torch.Tensor:
         if qw.encoding is Encoding.FP4:
-            c = qw.codes
-            return (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous().view(torch.uint32)
+            return bitpack.pack_nibbles(qw.codes).view(torch.uint32)
         if qw.encoding is Encoding.FP6:
             return e2m3_to_e4m3_bytes(qw.codes).view(torch.uint32)
         return qw.codes.contiguous().view(torch.uint8).view(torch.uint32)

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ct_convert import bitpack
 from ct_convert.qweight import ModuleInfo, QuantizedWeight
 from ct_convert.safetensors_out import TensorSpec
 from ct_convert.targets import int4_rows
@@ -47,11 +48,6 @@ def specs(info: ModuleInfo, algo: Algo, dtype: torch.dtype, has_input_scale: boo
     return [TensorSpec(name, dt, shape) for name, dt, shape in out]
 
 
-def pack_columns(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes uint8 [.., N, K] -> uint8 [.., N, K/2]: column 2j in the low nibble, 2j+1 in the high."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
 def tensors(qw: QuantizedWeight, algo: Algo, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`extras`: the module's activation qparams (input_scale, input_global_scale) as the source stores them."""
     a = algo.quant_algo
@@ -81,10 +77,10 @@ def tensors(qw: QuantizedWeight, algo: Algo, dtype: torch.dtype, extras: dict[st
             raise AssertionError(f"{qw.name}: no exact weight_scale_2")
         # one global scale may serve every stacked expert
         w2 = w2.reshape(lead) if w2.numel() == math.prod(lead) else w2.reshape(()).expand(lead).contiguous()
-        out = {"weight": pack_columns(qw.codes), "weight_scale": qw.scale.to(torch.float8_e4m3fn), "weight_scale_2": w2}
+        out = {"weight": bitpack.pack_nibbles(qw.codes), "weight_scale": qw.scale.to(torch.float8_e4m3fn), "weight_scale_2": w2}
         if a == facts.NVFP4:
             out["input_scale"] = input_scale(extras["input_global_scale"])[0]
         return out
     if a == facts.W4A16_MXFP4:
-        return {"weight": pack_columns(qw.codes), "weight_scale": qw.extras["weight_scale_e8m0"]}
+        return {"weight": bitpack.pack_nibbles(qw.codes), "weight_scale": qw.extras["weight_scale_e8m0"]}
     raise AssertionError(a)

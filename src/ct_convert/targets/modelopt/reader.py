@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert import bitpack
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
 from ct_convert.targets import int4_rows
@@ -18,15 +19,6 @@ from ct_convert.targets.modelopt import facts
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """uint8 [.., R, C] -> one code per byte, each byte's low nibble first, along dim -1 ([.., R, 2C])
-    or dim -2 ([.., 2R, C])."""
-    lo, hi = packed & 0xF, packed >> 4
-    if dim == -1:
-        return torch.stack((lo, hi), -1).flatten(-2)
-    return torch.stack((lo, hi), -2).flatten(-3, -2)
 
 
 class ModelOptOutput(HFOutputReader):
@@ -144,7 +136,7 @@ class ModelOptOutput(HFOutputReader):
             s = s.repeat_interleave(gs, -2)[..., :n, :].repeat_interleave(gs, -1)[..., :k]
             return w.to(f32) * s
         if algo in (facts.NVFP4, facts.W4A16_NVFP4):
-            values = E2M1[nibbles(w, -1).long()]
+            values = E2M1[bitpack.split_nibbles(w).long()]
             block = self._get(module, "weight_scale", (*lead, n, 2 * k // gs))
             if block.dtype != torch.float8_e4m3fn or 2 * k % gs:
                 raise InputError(f"{module}.weight_scale: {block.dtype}, NVFP4 block scales are float8_e4m3fn")
@@ -153,7 +145,7 @@ class ModelOptOutput(HFOutputReader):
             out = values.reshape(*values.shape[:-1], -1, gs) * per_block.unsqueeze(-1)
             return out.reshape(values.shape).to(self.model_dtype)
         if algo == facts.W4A16_MXFP4:
-            values = E2M1[nibbles(w, -1).long()]
+            values = E2M1[bitpack.split_nibbles(w).long()]
             e = self._get(module, "weight_scale", (*lead, n, 2 * k // gs))
             if e.dtype != torch.uint8 or 2 * k % gs:
                 raise InputError(f"{module}.weight_scale: {e.dtype}, MXFP4 scales are E8M0 bytes")
