@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ct_convert.bands import Bands, banded
 from ct_convert import bitpack
+from ct_convert.bands import Bands, banded
 from ct_convert.errors import InputError
 from ct_convert.targets.reader_base import GroupCodes, open_store
 from ct_convert.jsonfile import load_json
@@ -133,7 +133,7 @@ class MLXOutput:
             return w.reshape(*lead, -1).to(torch.float32)
         by = words.contiguous().view(torch.uint8)
         if bits == 4:
-            nibbles = bitpack.split_nibbles(by).reshape(*lead, -1)
+            nibbles = bitpack.split_nibbles(by)
             values = e2m1_values(nibbles)
         else:
             values = by.view(torch.float8_e4m3fn).to(torch.float32)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ct_convert import bitpack
 from ct_convert.bands import Bands, banded
 from ct_convert.errors import InputError
 from ct_convert.jsonfile import load_json
@@ -53,13 +54,11 @@ def mixed_gemm_source_index(k: int, n: int, bits: int, sm: int) -> torch.Tensor:
 
 def undo_mixed_gemm(data: torch.Tensor, k: int, n: int, bits: int, sm: int) -> torch.Tensor:
     """Preprocessed bytes (any dtype, K*N*bits/8 bytes) -> signed codes int8 [K, N]."""
-    raw = data.contiguous().view(torch.uint8).reshape(-1).to(torch.int16)
+    raw = data.contiguous().view(torch.uint8).reshape(-1)
     if bits == 4:
-        elems = torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(-1) - 8
-        elems = torch.where(elems < -8, elems + 16, elems)
-        elems = torch.where(elems > 7, elems - 16, elems)
+        elems = bitpack.split_nibbles(raw).to(torch.int16) - 8  # a nibble minus 8 is already in [-8, 7]
     else:
-        elems = raw - 128
+        elems = raw.to(torch.int16) - 128
     out = torch.empty(k * n, dtype=torch.int16)
     out[mixed_gemm_source_index(k, n, bits, sm)] = elems
     return out.reshape(k, n).to(torch.int8)
